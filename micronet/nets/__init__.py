@@ -1,0 +1,33 @@
+"""Architectures, registered by name (one module per family), built with `create_model(name, **kwargs)`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from micronet.errors import MicronetError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: make a builder available under its function name."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model {fn.__name__!r} registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    if name not in _REGISTRY:
+        raise MicronetError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+# Importing the families registers their builders.
+from micronet.nets import pyramidnet  # noqa: E402,F401
