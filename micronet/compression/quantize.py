@@ -1,0 +1,237 @@
+"""Fixed-point quantization with one power-of-two scale (a shared exponent) per tensor, as the Wave
+submission did: fold BatchNorm where it can be, round every weight tensor in place to `weight_bits`, and
+insert activation quantizers calibrated on the validation split.
+
+A value x in b bits with exponent e is stored as the integer round(clamp(x * 2^e, -2^(b-1), 2^(b-1)-1));
+the model keeps x_q = int / 2^e in float32, which represents it exactly, so evaluation is bit-true.
+The counter reads `weight_bits` on modules and `activation_bits` on quantizers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from micronet.errors import MicronetError
+
+BatchNorm = nn.modules.batchnorm._BatchNorm
+QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear, BatchNorm)
+QUANTIZER_NAME = "act_quant"
+
+
+def power_of_two_exponent(bound: float, bits: int) -> int:
+    """Largest exponent e such that `bound` still fits in a signed `bits`-bit integer after scaling by 2^e."""
+    if not math.isfinite(bound) or bound <= 0:
+        return bits - 1
+    return bits - 1 - math.ceil(math.log2(bound))
+
+
+def quantize_tensor(x: torch.Tensor, bits: int, exponent: int) -> torch.Tensor:
+    scale = 2.0**exponent
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(x * scale, low, high).round_() / scale
+
+
+def range_bound(x: torch.Tensor, method: str, sigmas: float) -> float:
+    """SigmaMax bound |mean| + k*std (robust to outliers) or the plain max |x|."""
+    x = x.detach().float()
+    if method == "max":
+        return float(x.abs().max())
+    return float(x.mean().abs() + sigmas * x.std())
+
+
+class ActivationQuantizer(nn.Module):
+    """Rounds activations to `activation_bits` with a calibrated power-of-two exponent. While calibrating it
+    passes values through and tracks an EMA of their mean and std."""
+
+    def __init__(self, bits: int, sigmas: float = 18.0, method: str = "sigmamax", momentum: float = 0.01):
+        super().__init__()
+        self.activation_bits = int(bits)
+        self.sigmas, self.method, self.momentum = float(sigmas), method, float(momentum)
+        self.register_buffer("exponent", torch.tensor(0, dtype=torch.int64))
+        self.calibrating = False
+        self._mean: Optional[float] = None
+        self._std: Optional[float] = None
+        self._max = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self._observe(x)
+            return x
+        return quantize_tensor(x, self.activation_bits, int(self.exponent))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+        if self._mean is None:
+            self._mean, self._std = mean, std
+        else:
+            self._mean += self.momentum * (mean - self._mean)
+            self._std += self.momentum * (std - self._std)
+        self._max = max(self._max, float(x.abs().max()))
+
+    def finish_calibration(self) -> None:
+        if self._mean is None:
+            raise MicronetError("an activation quantizer saw no data during calibration")
+        bound = self._max if self.method == "max" else abs(self._mean) + self.sigmas * self._std
+        self.exponent.fill_(power_of_two_exponent(bound, self.activation_bits))
+        self.calibrating = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.activation_bits}, exponent={int(self.exponent)}"
+
+
+def _quantize_output(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, QUANTIZER_NAME)(output)
+
+
+def _quantize_input(module: nn.Module, inputs: tuple) -> tuple:
+    return (getattr(module, QUANTIZER_NAME)(inputs[0]),) + tuple(inputs[1:])
+
+
+# ---- BatchNorm folding -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: nn.Module, bn: BatchNorm) -> None:
+    """Fold an eval-mode BN that only reads `layer`'s output into `layer`'s weight and a (new) bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.mul_(scale.reshape(shape))
+    old_bias = layer.bias if layer.bias is not None else torch.zeros_like(shift)
+    layer.bias = nn.Parameter(old_bias * scale + shift)
+
+
+@torch.no_grad()
+def batchnorm_to_affine(bn: BatchNorm) -> None:
+    """Rewrite an unfoldable BN as the per-channel affine y = a*x + b it computes at eval (mean 0, var 1-eps),
+    so its two stored parameters per channel are exactly what gets quantized and counted."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bn.bias.copy_(bn.bias - bn.running_mean * scale)
+    bn.weight.copy_(scale)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def fold_batchnorms(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> list[list[str]]:
+    folded = []
+    for layer_name, bn_name in pairs:
+        fold_batchnorm(model.get_submodule(layer_name), model.get_submodule(bn_name))
+        _set(model, bn_name, nn.Identity())
+        folded.append([layer_name, bn_name])
+    return folded
+
+
+# ---- whole-model quantization --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, bits: int, method: str = "sigmamax", sigmas: float = 10.0) -> dict[str, int]:
+    """Round every parameter of every conv/linear/BN in place; returns the exponent chosen per tensor."""
+    exponents: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZED_LAYERS):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            exponent = power_of_two_exponent(range_bound(p, method, sigmas), bits)
+            p.copy_(quantize_tensor(p, bits, exponent))
+            exponents[f"{name}.{pname}" if name else pname] = exponent
+        module.weight_bits = bits
+    return exponents
+
+
+def activation_points(model: nn.Module) -> list[str]:
+    """Where activations get quantized: the network input ("") and every conv, linear, BN and pool output."""
+    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
+    return [""] + [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZED_LAYERS + pools)]
+
+
+def add_activation_quantizers(model: nn.Module, names: list[str], bits: int, **kwargs: Any) -> None:
+    for name in names:
+        module = model.get_submodule(name) if name else model
+        module.add_module(QUANTIZER_NAME, ActivationQuantizer(bits, **kwargs))
+        if name:
+            module.register_forward_hook(_quantize_output)
+        else:
+            module.register_forward_pre_hook(_quantize_input)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    for q in quantizers:
+        q.calibrating = True
+    model.eval()
+    seen = 0
+    for images in batches:
+        model(images)
+        seen += 1
+    for q in quantizers:
+        q.finish_calibration()
+    return seen
+
+
+# ---- what the checkpoint records, and how a fresh model gets the same structure back -----------------------
+
+
+def quantization_spec(model: nn.Module) -> Optional[dict[str, Any]]:
+    spec = getattr(model, "_quantization_spec", None)
+    return dict(spec) if spec else None
+
+
+def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Recreate folded biases, affine BNs, bit widths and quantizers so a saved state_dict loads strictly."""
+    for layer_name, bn_name in spec["folded"]:
+        layer = model.get_submodule(layer_name)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        _set(model, bn_name, nn.Identity())
+    for name in spec["weight_layers"]:
+        model.get_submodule(name).weight_bits = spec["weight_bits"]
+    add_activation_quantizers(model, spec["activation_layers"], spec["activation_bits"])
+    model._quantization_spec = spec
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    fold_pairs: Iterable[tuple[str, str]],
+    calibration_batches: Iterable[torch.Tensor],
+    *,
+    weight_bits: int,
+    activation_bits: int,
+    method: str = "sigmamax",
+    weight_sigmas: float = 10.0,
+    activation_sigmas: float = 18.0,
+    momentum: float = 0.01,
+) -> dict[str, Any]:
+    """Post-training quantization (no retraining), in the Wave order: fold BN, round weights, calibrate."""
+    model.eval()
+    folded = fold_batchnorms(model, fold_pairs)
+    for m in model.modules():
+        if isinstance(m, BatchNorm):
+            batchnorm_to_affine(m)
+    exponents = quantize_weights(model, weight_bits, method, weight_sigmas)
+    weight_layers = [n for n, m in model.named_modules() if hasattr(m, "weight_bits")]
+    names = activation_points(model)
+    add_activation_quantizers(
+        model, names, activation_bits, sigmas=activation_sigmas, method=method, momentum=momentum
+    )
+    batches = calibrate(model, calibration_batches)
+    spec = {
+        "weight_bits": weight_bits,
+        "activation_bits": activation_bits,
+        "folded": folded,
+        "weight_layers": weight_layers,
+        "activation_layers": names,
+    }
+    model._quantization_spec = spec
+    return {"spec": spec, "weight_exponents": exponents, "calibration_batches": batches}

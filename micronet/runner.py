@@ -1,0 +1,114 @@
+"""What every stage does around its library call: validate the whole params file first, relaunch itself under
+torchrun when asked for several processes, seed, and write metrics (JSON) and curves (CSV) for DVC."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from micronet.checkpoint import atomic_save
+from micronet.config import Params, load_params
+
+
+def prepare(params_path: Path) -> Params:
+    """Validate params; if distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very
+    command under `torchrun --nproc-per-node N` and exit with its status."""
+    params = load_params(params_path)
+    n = params.distributed.nproc_per_node
+    if n > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "micronet.cli", *sys.argv[1:]]
+        raise SystemExit(subprocess.call(cmd))
+    return params
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Identifies the work a resume file belongs to: a changed parameter or input starts afresh."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(file_digest(part).encode())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def pass_through(source: Path, target: Path) -> None:
+    """A switched-off stage hands its input on unchanged."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def resume_file(output: Path, tag: str = "") -> Path:
+    """Where a stage keeps its interruption state: beside its output, never a DVC output itself."""
+    return output.with_name(f"{output.stem}{tag}.resume.pt")
+
+
+class StepProgress:
+    """Step-level resume for multi-step stages (prune, sparsify): after each finished step the model and the
+    results so far are saved; a re-run with the same fingerprint continues after the last finished step."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def load(self) -> dict[str, Any] | None:
+        from micronet.checkpoint import safe_load
+
+        if not self.path.is_file():
+            return None
+        state = safe_load(self.path)
+        return state if state.get("fingerprint") == self.key else None
+
+    def save(self, step: int, checkpoint: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        atomic_save({"fingerprint": self.key, "step": step, "checkpoint": checkpoint, "rows": rows}, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,329 @@
+"""The one training loop: every stage that trains or fine-tunes calls `fit`. SGD (Nesterov), per-epoch LR
+schedule, gradient clipping, label smoothing, optional sparsity masks kept exactly zero, DDP under torchrun,
+best-on-validation selection, and an atomic per-epoch resume file."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from micronet.checkpoint import atomic_save, safe_load
+from micronet.config import DistributedConfig, OptimConfig, ScheduleConfig
+from micronet.errors import MicronetError
+
+# ---- processes and devices -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup_runtime(cfg: DistributedConfig) -> Runtime:
+    """One process per GPU under torchrun (NCCL), gloo on CPU; a plain process otherwise."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise MicronetError("distributed.device is cuda but no CUDA device is visible (set it to auto or cpu)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not under_torchrun():
+        return Runtime(torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+    return Runtime(device, dist.get_rank(), dist.get_world_size())
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, runtime: Runtime) -> Any:
+    """Rank 0's value on every rank (used to share pruning decisions)."""
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- data loading ----------------------------------------------------------------------------------------------
+
+
+class ShardSampler(Sampler[int]):
+    """Each rank evaluates every world_size-th sample, without the padding DistributedSampler adds, so the
+    all-reduced counts are exact."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset: Dataset, batch_size: int, runtime: Runtime, *, train: bool, workers: int, seed: int = 0):
+    """`batch_size` is global: each of the world_size processes loads its share."""
+    per_rank = max(1, batch_size // runtime.world_size)
+    if train:
+        sampler = (
+            DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=seed, drop_last=True)
+            if runtime.distributed
+            else None
+        )
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            dataset, per_rank, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True,
+            pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0, generator=generator,
+        )
+    sampler = ShardSampler(len(dataset), runtime.rank, runtime.world_size)
+    return DataLoader(dataset, per_rank, sampler=sampler, num_workers=workers, pin_memory=runtime.device.type == "cuda")
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    correct_top1: int
+    correct_top5: int
+    total: int
+    loss_sum: float
+
+    @property
+    def top1(self) -> float:
+        return self.correct_top1 / self.total if self.total else 0.0
+
+    @property
+    def top5(self) -> float:
+        return self.correct_top5 / self.total if self.total else 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.total if self.total else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> Evaluation:
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=runtime.device)
+    for images, labels in loader:
+        images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+        logits = model(images)
+        top5 = logits.topk(min(5, logits.size(1)), dim=1).indices
+        stats[0] += (top5[:, 0] == labels).sum()
+        stats[1] += (top5 == labels[:, None]).any(dim=1).sum()
+        stats[2] += labels.numel()
+        stats[3] += F.cross_entropy(logits, labels, reduction="sum")
+    if runtime.distributed:
+        dist.all_reduce(stats)
+    model.train(was_training)
+    return Evaluation(int(stats[0]), int(stats[1]), int(stats[2]), float(stats[3]))
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(schedule: ScheduleConfig, epoch: int, epochs: int) -> float:
+    """Set once per epoch, as the submissions' schedulers do."""
+    if epoch < schedule.warmup_epochs:
+        return (epoch + 1) / schedule.warmup_epochs
+    if schedule.kind == "constant":
+        return 1.0
+    if schedule.kind == "step":
+        return schedule.gamma ** sum(epoch >= m * epochs for m in schedule.milestones)
+    if schedule.kind == "cosine":
+        span = max(1, epochs - schedule.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - schedule.warmup_epochs) / span))
+    # Wave's FAA "pyramid" schedule (LambdaLR stepped per epoch).
+    return 0.1 ** (epoch // (0.25 * epochs)) * 0.2 ** (epoch // (0.5 * epochs)) * 0.2 ** (
+        epoch // (0.625 * epochs)
+    ) * 0.2 ** (epoch // (0.75 * epochs))
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_top1: float = -1.0
+
+
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Optional[Dataset],
+    cfg: OptimConfig,
+    runtime: Runtime,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    seed: int = 0,
+    masks: Optional[dict[str, torch.Tensor]] = None,
+    resume_path: Optional[Path] = None,
+    fingerprint: str = "",
+    on_epoch: Optional[EpochCallback] = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model` in place for cfg.epochs and leave it at its best validation epoch (the last epoch when
+    there is no validation split). `masks` (parameter name -> 0/1) keep pruned weights exactly zero."""
+    model.to(runtime.device)
+    masks = {k: v.to(runtime.device) for k, v in (masks or {}).items()}
+    params = dict(model.named_parameters())
+    unknown = set(masks) - set(params)
+    if unknown:
+        raise MicronetError(f"sparsity masks name parameters the model lacks: {sorted(unknown)[:3]}")
+    optimizer = make_optimizer(model, cfg)
+    result = FitResult()
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    start_epoch = 0
+
+    if resume_path is not None and resume_path.is_file():
+        state = safe_load(resume_path)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
+            best_state = state["best_model"]
+            start_epoch = state["epoch"] + 1
+            if runtime.is_main:
+                tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
+
+    train_model: nn.Module = model
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    train_loader = make_loader(train_set, batch_size, runtime, train=True, workers=workers, seed=seed)
+    val_loader = make_loader(val_set, batch_size, runtime, train=False, workers=workers) if val_set else None
+    steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise MicronetError(f"{desc}: the training split has fewer images than one batch ({batch_size})")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = cfg.lr * lr_multiplier(cfg.schedule, epoch, cfg.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        train_model.train()
+        started = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, seen
+        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not runtime.is_main, leave=False)
+        for step, (images, labels) in enumerate(train_loader):
+            if step >= steps:
+                break
+            images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+            logits = train_model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, mask in masks.items():
+                if params[name].grad is not None:
+                    params[name].grad.mul_(mask)
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    params[name].mul_(mask)
+                totals += torch.stack(
+                    [loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
+                     torch.tensor(labels.numel(), dtype=torch.float64, device=runtime.device)]
+                )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+        bar.close()
+        if runtime.distributed:
+            dist.all_reduce(totals)
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
+            "seconds": time.perf_counter() - started,
+        }
+        if val_loader is not None:
+            ev = evaluate(model, val_loader, runtime)
+            row.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
+        score = row.get("val_acc", float(epoch))
+        if best_state is None or score > result.best_val_top1 or val_loader is None:
+            result.best_epoch, result.best_val_top1 = epoch + 1, score
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        result.history.append(row)
+        if runtime.is_main:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch",)))
+            if on_epoch is not None:
+                on_epoch(row)
+            if resume_path is not None:
+                atomic_save(
+                    {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
+                     "best_val_top1": result.best_val_top1, "best_model": best_state},
+                    resume_path,
+                )
+        barrier(runtime)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if val_loader is None and result.history:
+        result.best_val_top1 = math.nan
+    return result
+
+
+def clear_resume(resume_path: Optional[Path], runtime: Runtime) -> None:
+    if runtime.is_main and resume_path is not None:
+        resume_path.unlink(missing_ok=True)
+
+
+def model_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
