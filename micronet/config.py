@@ -138,6 +138,14 @@ class DistributedConfig(Section):
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads per process; null = default")
 
 
+class SynthConfig(Section):
+    """Size of the synthetic CIFAR-100 the demo pipeline's data stage writes."""
+
+    train: int = Field(2000, ge=100)
+    test: int = Field(500, ge=100)
+    seed: int = 0
+
+
 class TrackingConfig(Section):
     experiment: str = "micronet"
     enabled: bool = True
@@ -155,6 +163,7 @@ class Params(Section):
     score: ScoreConfig = ScoreConfig()
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
+    synth: Optional[SynthConfig] = None
 
 
 def _describe(error: dict, raw: Any) -> str:

@@ -101,7 +101,12 @@ def stage_run(
 
     client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    if experiment is None:
+        # Artifacts beside the store (absolute), not in a ./mlruns folder of whichever directory a stage ran in.
+        artifacts = (repository_root() / "mlartifacts" / cfg.experiment).as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
     key = pipeline_run_key(params_path)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]

@@ -4,7 +4,6 @@ best-on-validation selection, and an atomic per-epoch resume file."""
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -192,7 +191,7 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
-    best_val_top1: float = -1.0
+    best_val_top1: Optional[float] = None  # None without a validation split
 
 
 EpochCallback = Callable[[dict[str, float]], None]
@@ -257,7 +256,7 @@ def fit(
         train_model.train()
         started = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, seen
-        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not runtime.is_main, leave=False)
+        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if not runtime.is_main else None, leave=False, mininterval=1.0)
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps:
                 break
@@ -295,7 +294,7 @@ def fit(
             ev = evaluate(model, val_loader, runtime)
             row.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
         score = row.get("val_acc", float(epoch))
-        if best_state is None or score > result.best_val_top1 or val_loader is None:
+        if best_state is None or val_loader is None or score > result.best_val_top1:
             result.best_epoch, result.best_val_top1 = epoch + 1, score
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         result.history.append(row)
@@ -315,15 +314,13 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    if val_loader is None and result.history:
-        result.best_val_top1 = math.nan
+    if val_loader is None:
+        result.best_val_top1 = None
+    elif not result.history:  # nothing trained (epochs: 0): still report where the model stands
+        result.best_val_top1 = evaluate(model, val_loader, runtime).top1
     return result
 
 
 def clear_resume(resume_path: Optional[Path], runtime: Runtime) -> None:
     if runtime.is_main and resume_path is not None:
         resume_path.unlink(missing_ok=True)
-
-
-def model_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

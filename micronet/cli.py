@@ -1,0 +1,45 @@
+"""The `micronet` command: one sub-command per pipeline stage plus helpers. User-facing problems
+(MicronetError) print as one line on stderr and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from micronet.errors import MicronetError
+from stages.count import count_command
+from stages.data import synth_command
+from stages.prune import prune_command
+from stages.quantize import quantize_command
+from stages.score import score_command
+from stages.sparsify import sparsify_command
+from stages.train import train_command
+
+app = typer.Typer(
+    help="MicroNet Challenge pipelines: train -> structured prune -> sparsify -> quantize -> score.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Dataset helpers.", no_args_is_help=True)
+data_app.command("synth", help="Write a synthetic dataset in the CIFAR-100 python format.")(synth_command)
+app.add_typer(data_app, name="data")
+app.command("train", help="Train the model (resumes after an interruption).")(train_command)
+app.command("prune", help="Structured pruning: remove channels to prune.rate of the parameters.")(prune_command)
+app.command("sparsify", help="Global magnitude sparsity with masked fine-tuning.")(sparsify_command)
+app.command("quantize", help="Power-of-two fixed-point weights and activations, calibrated.")(quantize_command)
+app.command("score", help="Test accuracy and the official MicroNet score.")(score_command)
+app.command("count", help="Print the official per-layer count of a registered architecture.")(count_command)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except MicronetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""`micronet quantize`: fold BatchNorm, round weights and activations to power-of-two fixed point, calibrate
+activation ranges on the validation split; report accuracy before and after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from micronet import runner
+from micronet.config import load_params
+from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+from micronet.compression.quantize import quantize_model
+from micronet.data import build_splits
+
+from micronet.tracking import stage_run
+from micronet.training import Runtime, evaluate, make_loader, setup_runtime
+from stages.common import ParamsOption
+
+
+def quantize_command(
+    params_path: Path = ParamsOption,
+    input: Path = typer.Option(Path("models/sparsify.pt"), "--input"),
+    output: Path = typer.Option(Path("models/quantize.pt"), "--output"),
+    metrics: Path = typer.Option(Path("metrics/quantize.json"), "--metrics"),
+) -> None:
+    params = load_params(params_path)  # calibration is one process: no torchrun relaunch
+    cfg = params.quantize
+    if not cfg.enabled:
+        runner.pass_through(input, output)
+        runner.write_json(metrics, {"enabled": False})
+        return
+    runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
+    runner.seed_everything(params.train.seed)
+    model, source = load_model(input)
+    model.to(runtime.device)
+    splits = build_splits(params.data)
+    calibration_set = splits.val or splits.train
+    loader = make_loader(calibration_set, params.data.eval_batch_size, runtime, train=False, workers=params.data.workers)
+    before = evaluate(model, loader, runtime) if splits.val is not None else None
+    input_size = tuple(calibration_set[0][0].shape)
+    from micronet.scoring import foldable_batchnorms
+
+    pairs = foldable_batchnorms(model, input_size) if cfg.fold_bn else []
+    calibration = (x.to(runtime.device) for _, (x, _) in zip(range(cfg.calibration_batches), loader))
+    info = quantize_model(
+        model, pairs, calibration, weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits,
+        method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
+        momentum=cfg.momentum,
+    )
+    after = evaluate(model, loader, runtime) if splits.val is not None else None
+
+    with stage_run("quantize", params.tracking, params.model_dump(), params_path) as track:
+        track.log_params({"quantize": cfg.model_dump()})
+        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize"), output)
+        summary = {
+            "enabled": True,
+            "weight_bits": cfg.weight_bits,
+            "activation_bits": cfg.activation_bits,
+            "folded_batchnorms": len(info["spec"]["folded"]),
+            "quantized_weight_layers": len(info["spec"]["weight_layers"]),
+            "activation_quantizers": len(info["spec"]["activation_layers"]),
+            "calibration_batches": info["calibration_batches"],
+            "val_accuracy_before": before.top1 if before else None,
+            "val_accuracy": after.top1 if after else None,
+        }
+        runner.write_json(metrics, summary)
+        track.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        track.log_artifact(metrics)

@@ -1,0 +1,65 @@
+"""`micronet score`: top-1/top-5 on the test split (the only stage that touches it), the official MicroNet
+count and score, and `metrics/score.json` with a per-layer table beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from micronet import runner
+from micronet.config import load_params
+from micronet.checkpoint import load_model
+from micronet.data import build_splits
+from micronet.scoring import count
+from micronet.tracking import stage_run
+from micronet.training import Runtime, evaluate, make_loader, setup_runtime
+from stages.common import ParamsOption
+
+
+def score_command(
+    params_path: Path = ParamsOption,
+    input: Path = typer.Option(Path("models/quantize.pt"), "--input"),
+    metrics: Path = typer.Option(Path("metrics/score.json"), "--metrics"),
+    table: Path = typer.Option(Path("metrics/score_layers.txt"), "--table", help="per-layer count table"),
+) -> None:
+    params = load_params(params_path)
+    cfg = params.score
+    runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
+    model, source = load_model(input)
+    model.to(runtime.device)
+    test = build_splits(params.data).test
+    result = evaluate(model, make_loader(test, params.data.eval_batch_size, runtime, train=False,
+                                         workers=params.data.workers), runtime)
+    counted = count(model, tuple(test[0][0].shape), freebie=cfg.freebie)
+    summary = {
+        "task": cfg.task,
+        "accuracy": result.top1,
+        "top5": result.top5,
+        "correct": result.correct_top1,
+        "total": result.total,
+        "params": counted.params,
+        "flops": counted.flops,
+        "score": counted.score(cfg.task),
+        "qualifies": counted.qualifies(cfg.task, result.correct_top1, result.total),
+        "param_bits": counted.param_bits,
+        "mults": counted.mults,
+        "adds": counted.adds,
+        "quantized": counted.quantized,
+        "freebie": counted.freebie,
+        "stage": source.get("stage"),
+    }
+    runner.write_json(metrics, summary)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(counted.table() + "\n")
+    with stage_run("score", params.tracking, params.model_dump(), params_path) as track:
+        headline = {k: float(summary[k]) for k in ("accuracy", "top5", "params", "flops", "score", "qualifies")}
+        track.log_metrics(headline, parent=True)
+        track.log_artifact(metrics)
+        track.log_artifact(table)
+    typer.echo(counted.table())
+    typer.echo(
+        f"{cfg.task}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), "
+        f"params {summary['params']:,.0f}, flops {summary['flops']:,.0f}, score {summary['score']:.6f}, "
+        f"qualifies {summary['qualifies']}"
+    )
