@@ -1,0 +1,215 @@
+"""CIFAR-100 datasets, the seeded train/validation split, Wave's transforms, and a synthetic stand-in
+written in CIFAR-100's own on-disk format so every pipeline runs without the real data.
+
+No DataLoaders here: the training module builds those (it knows the batch sizes and distribution)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR100
+from torchvision.datasets.vision import StandardTransform
+
+from micronet.augment import Cutout, FastAutoAugment, load_policy
+from micronet.config import AugmentConfig, DataConfig
+from micronet.errors import MicronetError
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+NUM_CLASSES = 100
+BASE_FOLDER = CIFAR100.base_folder  # "cifar-100-python"
+SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written by write_synthetic_cifar100
+
+
+def num_classes(cfg: DataConfig) -> int:
+    return NUM_CLASSES
+
+
+# --- transforms ----------------------------------------------------------------------------------------
+
+
+def build_transform(aug: Optional[AugmentConfig], train: bool) -> Callable:
+    """Wave's order: FAA (PIL) -> RandomCrop -> HFlip -> ToTensor -> Normalize -> Cutout (tensor).
+
+    Eval is ToTensor -> Normalize. `aug=None` means no augmentation (normalization stays on)."""
+    aug = aug if aug is not None else AugmentConfig(crop_padding=0, hflip=False, cutout=0)
+    steps: list[Callable] = []
+    if train:
+        if aug.autoaugment:
+            steps.append(FastAutoAugment(load_policy(aug.autoaugment)))
+        if aug.crop_padding > 0:
+            steps.append(T.RandomCrop(32, padding=aug.crop_padding))
+        if aug.hflip:
+            steps.append(T.RandomHorizontalFlip())
+    steps.append(T.ToTensor())
+    if aug.normalize:
+        steps.append(T.Normalize(CIFAR100_MEAN, CIFAR100_STD))
+    if train and aug.cutout > 0:
+        steps.append(Cutout(aug.cutout))
+    return T.Compose(steps)
+
+
+# --- datasets ------------------------------------------------------------------------------------------
+
+
+class SyntheticCIFAR100(CIFAR100):
+    """torchvision's CIFAR100, checking the md5s recorded by write_synthetic_cifar100 instead of the
+    real files' md5s (torchvision verifies them even with download=False). Parsing is torchvision's."""
+
+    def __init__(self, root: str | Path, md5: dict[str, str], **kwargs) -> None:
+        self.train_list = [["train", md5["train"]]]
+        self.test_list = [["test", md5["test"]]]
+        self.meta = {**CIFAR100.meta, "md5": md5["meta"]}
+        super().__init__(root, **kwargs)
+
+
+def synthetic_manifest(root: str | Path) -> Optional[dict]:
+    """The manifest of a synthetic dataset under root, or None for real (or absent) CIFAR-100."""
+    path = Path(root) / BASE_FOLDER / SYNTHETIC_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_cifar100(
+    root: str | Path, train: bool, download: bool = False, transform: Optional[Callable] = None
+) -> CIFAR100:
+    """CIFAR-100 from `root/cifar-100-python/{train,test,meta}` (torchvision's layout), real or synthetic."""
+    root = Path(root)
+    manifest = synthetic_manifest(root)
+    try:
+        if manifest is not None:
+            return SyntheticCIFAR100(root, manifest["md5"], train=train, transform=transform)
+        return CIFAR100(root, train=train, transform=transform, download=download)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted" (missing file or md5 mismatch)
+        folder = (root / BASE_FOLDER).resolve()
+        missing = [f for f in ("train", "test", "meta") if not (folder / f).is_file()]
+        problem = f"missing {', '.join(missing)}" if missing else "corrupted or not CIFAR-100 (md5 check failed)"
+        raise MicronetError(
+            f"CIFAR-100 not usable at {folder}: {problem}; put the extracted 'cifar-100-python' folder "
+            f"(train, test, meta) in {root.resolve()}, or set `data.download: true` in params.yaml to download it"
+        ) from None
+    except OSError as e:  # download=True without network, or an unreadable folder
+        action = f"download CIFAR-100 from {CIFAR100.url} to" if download else "read CIFAR-100 at"
+        raise MicronetError(f"could not {action} {root.resolve()}: {e}") from None
+
+
+@dataclass
+class Splits:
+    train: Subset  # training images, train transform (augmented)
+    val: Optional[Subset]  # held out of the training file, eval transform; None when data.val_size is 0
+    test: Dataset  # the test file, eval transform
+    train_eval: Subset  # the training images with the eval transform: calibration or scoring without val
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices of the training file: a seeded permutation's first val_size go to val."""
+    if val_size >= n:
+        raise MicronetError(f"data.val_size ({val_size}) must be smaller than the training set ({n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[val_size:]), sorted(perm[:val_size])
+
+
+def _with_transform(ds: CIFAR100, transform: Callable) -> CIFAR100:
+    """A second view of the same images (the arrays are shared, not copied) with another transform."""
+    view = copy.copy(ds)
+    view.transform = transform
+    view.transforms = StandardTransform(transform, ds.target_transform)
+    return view
+
+
+def build_splits(cfg: DataConfig) -> Splits:
+    """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
+    train_tf, eval_tf = build_transform(cfg.augment, train=True), build_transform(cfg.augment, train=False)
+    full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=train_tf)
+    train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
+    test = load_cifar100(cfg.root, train=False, download=False, transform=eval_tf)
+    full_eval = _with_transform(full, eval_tf)
+    val = Subset(full_eval, val_idx) if val_idx else None
+    return Splits(train=Subset(full, train_idx), val=val, test=test, train_eval=Subset(full_eval, train_idx))
+
+
+# --- synthetic data ------------------------------------------------------------------------------------
+
+# Each class: its own mean colour (a 5x5x4 grid over RGB, fixed permutation) and its own texture
+# (one of 5 flip-tolerant pattern kinds at one of 2 frequencies, then 1 of 2 pattern strengths). Images
+# add a random phase/centre (shift), per-image colour jitter, a random pattern contrast and pixel noise,
+# so a small CNN learns it well above chance in a few epochs and pad-4 crop + flip keep the class.
+_GRID = np.stack(np.meshgrid(np.linspace(40, 215, 5), np.linspace(40, 215, 5), np.linspace(50, 205, 4),
+                             indexing="ij"), axis=-1).reshape(-1, 3)
+_CLASS_COLOUR = _GRID[np.random.default_rng(1234).permutation(NUM_CLASSES)]  # (100, 3), independent of seed
+
+
+def _class_pattern(c: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 32, 32) texture in [-1, 1] for class c with a random phase or centre per image."""
+    kind, freq = c % 5, (2 * np.pi / 8, 2 * np.pi / 4)[(c // 5) % 2]
+    y, x = np.mgrid[0:32, 0:32].astype(np.float64)
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
+    if kind == 0:  # horizontal stripes
+        return np.cos(freq * y + phase)
+    if kind == 1:  # vertical stripes
+        return np.cos(freq * x + phase)
+    if kind == 2:  # checkerboard
+        return np.cos(freq * x + phase) * np.cos(freq * y + rng.uniform(0, 2 * np.pi, size=(n, 1, 1)))
+    if kind == 3:  # diagonal lattice (both diagonals, so a flip keeps it)
+        return 0.5 * (np.cos(freq * (x + y) / np.sqrt(2) + phase) + np.cos(freq * (x - y) / np.sqrt(2) + phase))
+    cy, cx = rng.uniform(8, 24, size=(2, n, 1, 1))  # rings around a random centre
+    return np.cos(freq * np.hypot(x - cx, y - cy) + phase)
+
+
+def _synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3072) uint8 rows, channel-major (R plane, G plane, B plane), like CIFAR's `data`."""
+    out = np.empty((len(labels), 3, 32, 32), dtype=np.uint8)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = len(idx)
+        strength = (30.0, 55.0)[(c // 10) % 2]
+        pattern = _class_pattern(int(c), n, rng) * rng.uniform(0.6, 1.2, size=(n, 1, 1)) * strength
+        colour = _CLASS_COLOUR[c] + rng.normal(0, 18, size=(n, 3))
+        img = colour[:, :, None, None] + pattern[:, None] + rng.normal(0, 30, size=(n, 3, 32, 32))
+        out[idx] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return out.reshape(len(labels), 3072)
+
+
+def _write_pickle(path: Path, obj: dict) -> str:
+    """Pickle like the real (Python 2) files read back: str keys, loadable with encoding="latin1"."""
+    data = pickle.dumps(obj, protocol=2)
+    path.write_bytes(data)
+    return hashlib.md5(data).hexdigest()
+
+
+def write_synthetic_cifar100(out: Path, n_train: int, n_test: int, seed: int) -> Path:
+    """Write a deterministic synthetic CIFAR-100 to `out/cifar-100-python/` (train, test, meta and a
+    manifest with their md5s); returns that folder. Point `data.root` at `out` to use it."""
+    if n_train < 1 or n_test < 1:
+        raise MicronetError(f"synthetic CIFAR-100 needs at least 1 train and 1 test image (got {n_train}, {n_test})")
+    folder = Path(out) / BASE_FOLDER
+    if folder.exists() and synthetic_manifest(out) is None and any(folder.iterdir()):
+        raise MicronetError(f"{folder} holds data that is not synthetic (no {SYNTHETIC_MANIFEST}); not overwriting it")
+    folder.mkdir(parents=True, exist_ok=True)
+    md5 = {}
+    for split, n, stream in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng([seed, stream])
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES)  # balanced over the 100 fine classes
+        md5[split] = _write_pickle(folder / split, {
+            "filenames": [f"synthetic_{split}_{i:06d}.png" for i in range(n)],
+            "batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1",
+            "fine_labels": labels.tolist(),
+            "coarse_labels": (labels // 5).tolist(),  # 5 fine classes per superclass, as in CIFAR-100
+            "data": _synthetic_images(labels, rng),
+        })
+    md5["meta"] = _write_pickle(folder / "meta", {
+        "fine_label_names": [f"synthetic_{c:02d}" for c in range(NUM_CLASSES)],
+        "coarse_label_names": [f"synthetic_super_{c:02d}" for c in range(NUM_CLASSES // 5)],
+    })
+    manifest = {"synthetic": True, "seed": seed, "n_train": n_train, "n_test": n_test, "md5": md5}
+    (folder / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder

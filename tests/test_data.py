@@ -1,0 +1,340 @@
+"""Data layer: synthetic CIFAR-100 in torchvision's format, splits, transforms, Fast AutoAugment, Cutout."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+from micronet import augment
+from micronet.augment import CUTOUT_FILL, Cutout, FastAutoAugment, apply_op, load_policy, policy_names
+from micronet.config import AugmentConfig, DataConfig
+from micronet.data import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    SyntheticCIFAR100,
+    build_splits,
+    build_transform,
+    load_cifar100,
+    num_classes,
+    synthetic_manifest,
+    write_synthetic_cifar100,
+)
+from micronet.errors import MicronetError
+
+N_TRAIN, N_TEST = 400, 200
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_cifar100(root, N_TRAIN, N_TEST, seed=0)
+    return root
+
+
+def _md5s(root: Path) -> dict[str, str]:
+    return {f: hashlib.md5((root / "cifar-100-python" / f).read_bytes()).hexdigest() for f in ("train", "test", "meta")}
+
+
+def _random_image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+# --- synthetic data in CIFAR-100's format --------------------------------------------------------------
+
+
+def test_synthetic_reads_with_plain_torchvision_cifar100(synth, monkeypatch):
+    # Only the md5s differ from the real files: give torchvision's own class the synthetic ones.
+    md5 = synthetic_manifest(synth)["md5"]
+    assert md5 == _md5s(synth)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "meta", {**torchvision.datasets.CIFAR100.meta, "md5": md5["meta"]})
+    for train, n in ((True, N_TRAIN), (False, N_TEST)):
+        ds = torchvision.datasets.CIFAR100(synth, train=train, download=False)
+        assert len(ds) == n and ds.data.shape == (n, 32, 32, 3) and ds.data.dtype == np.uint8
+        assert len(ds.classes) == 100
+        counts = np.bincount(ds.targets, minlength=100)
+        assert counts.min() == counts.max() == n // 100  # balanced
+        img, label = ds[0]
+        assert isinstance(img, Image.Image) and img.size == (32, 32) and 0 <= label < 100
+
+
+def test_synthetic_pickles_have_real_cifar100_keys(synth):
+    with open(synth / "cifar-100-python" / "train", "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    assert set(entry) == {"filenames", "batch_label", "fine_labels", "coarse_labels", "data"}
+    assert entry["data"].shape == (N_TRAIN, 3072) and entry["data"].dtype == np.uint8
+    assert entry["coarse_labels"] == [c // 5 for c in entry["fine_labels"]]
+    with open(synth / "cifar-100-python" / "meta", "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    assert len(meta["fine_label_names"]) == 100 and len(meta["coarse_label_names"]) == 20
+
+
+def test_synthetic_is_deterministic_per_seed(synth, tmp_path):
+    write_synthetic_cifar100(tmp_path / "same", N_TRAIN, N_TEST, seed=0)
+    write_synthetic_cifar100(tmp_path / "other", N_TRAIN, N_TEST, seed=1)
+    assert _md5s(tmp_path / "same") == _md5s(synth)
+    other = _md5s(tmp_path / "other")
+    assert other["train"] != _md5s(synth)["train"] and other["test"] != _md5s(synth)["test"]
+
+
+def test_load_cifar100_reads_synthetic(synth):
+    ds = load_cifar100(synth, train=False, transform=build_transform(None, train=False))
+    assert isinstance(ds, SyntheticCIFAR100) and len(ds) == N_TEST
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 100
+
+
+def test_missing_dataset_is_a_one_line_user_error(tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(MicronetError) as e:
+        load_cifar100(root, train=True, download=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str((root / "cifar-100-python").resolve()) in msg
+    assert "cifar-100-python" in msg and "data.download" in msg
+
+
+def test_real_layout_is_md5_checked(synth, tmp_path):
+    # Synthetic files without their manifest look like corrupted real CIFAR-100: torchvision's md5s fail.
+    write_synthetic_cifar100(tmp_path, 100, 100, seed=0)
+    (tmp_path / "cifar-100-python" / "synthetic.json").unlink()
+    with pytest.raises(MicronetError, match="corrupted"):
+        load_cifar100(tmp_path, train=True, download=False)
+    with pytest.raises(MicronetError, match="not synthetic"):  # and the writer will not overwrite it
+        write_synthetic_cifar100(tmp_path, 100, 100, seed=0)
+
+
+# --- splits ----------------------------------------------------------------------------------------------
+
+
+def test_build_splits(synth):
+    cfg = DataConfig(root=str(synth), val_size=100, split_seed=0)
+    s = build_splits(cfg)
+    assert num_classes(cfg) == 100
+    assert len(s.train) == N_TRAIN - 100 and len(s.val) == 100 and len(s.test) == N_TEST
+    train_idx, val_idx = set(s.train.indices), set(s.val.indices)
+    assert not train_idx & val_idx and train_idx | val_idx == set(range(N_TRAIN))
+    assert all(0 <= s.train.dataset.targets[i] < 100 for i in train_idx)
+    # Same seed, same split; another seed, another split.
+    assert build_splits(cfg).val.indices == s.val.indices
+    assert build_splits(DataConfig(root=str(synth), val_size=100, split_seed=1)).val.indices != s.val.indices
+    # Val and test are deterministic (eval transform); train is augmented (crop + flip by default).
+    assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.test[0][0], s.test[0][0])
+    assert s.val.dataset.data is s.train.dataset.data  # one copy of the images, two transforms
+    assert s.train_eval.indices == s.train.indices and torch.equal(s.train_eval[0][0], s.train_eval[0][0])
+    torch.manual_seed(0)
+    assert any(not torch.equal(s.train[0][0], s.train[0][0]) for _ in range(5))
+
+
+def test_build_splits_val_size_edges(synth):
+    s = build_splits(DataConfig(root=str(synth), val_size=0))
+    assert s.val is None and len(s.train) == N_TRAIN
+    with pytest.raises(MicronetError, match="val_size"):
+        build_splits(DataConfig(root=str(synth), val_size=N_TRAIN))
+
+
+# --- transforms ------------------------------------------------------------------------------------------
+
+
+def test_transform_order():
+    aug = AugmentConfig(autoaugment="fa_shake26_2x96d_cifar100", crop_padding=4, hflip=True, cutout=16)
+    train = build_transform(aug, train=True)
+    assert [type(t) for t in train.transforms] == [
+        FastAutoAugment, T.RandomCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize, Cutout]
+    assert train.transforms[1].padding == 4
+    assert [type(t) for t in build_transform(aug, train=False).transforms] == [T.ToTensor, T.Normalize]
+    assert [type(t) for t in build_transform(None, train=True).transforms] == [T.ToTensor, T.Normalize]
+
+    # FAA sees the untouched 32x32 PIL image (before padding/cropping), and the pipeline runs end to end.
+    seen = []
+    faa = train.transforms[0]
+    train.transforms[0] = lambda im: seen.append(im) or faa(im)
+    img = _random_image()
+    out = train(img)
+    assert seen[0] is img and out.shape == (3, 32, 32)
+
+
+def test_cutout_runs_after_normalize():
+    # A flat image normalizes to non-zero values; only a Cutout after Normalize leaves exact zeros.
+    aug = AugmentConfig(crop_padding=0, hflip=False, cutout=8)
+    img = Image.new("RGB", (32, 32), (200, 30, 90))
+    out = build_transform(aug, train=True)(img)
+    expected = (torch.tensor([200, 30, 90]) / 255 - torch.tensor(CIFAR100_MEAN)) / torch.tensor(CIFAR100_STD)
+    zero = (out == 0).all(dim=0)
+    assert zero.sum() >= 16  # at least a 4x4 corner of the 8x8 square
+    assert torch.allclose(out[:, ~zero], expected[:, None].expand(3, int((~zero).sum())), atol=1e-6)
+
+
+def test_cutout_zeros_exactly_a_clipped_square():
+    x = torch.randn(3, 32, 32)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        cy, cx = int(torch.randint(32, ())), int(torch.randint(32, ()))
+        torch.manual_seed(seed)
+        out = Cutout(16)(x)
+        expected = x.clone()
+        expected[:, max(0, cy - 8):min(32, cy + 8), max(0, cx - 8):min(32, cx + 8)] = 0
+        assert torch.equal(out, expected)
+    assert not torch.equal(x, torch.zeros_like(x))  # the input is not modified in place
+
+
+# --- Fast AutoAugment ------------------------------------------------------------------------------------
+
+
+def test_every_policy_loads_and_applies():
+    names = policy_names()
+    assert "fa_shake26_2x96d_cifar100" in names and len(names) == 5
+    random.seed(0)
+    img = _random_image()
+    for name in names:
+        policy = load_policy(name)
+        assert len(policy) > 400 and all(len(sub) == 2 for sub in policy)
+        for sub in policy:  # every op of every sub-policy, at its own level
+            for op, prob, level in sub:
+                assert 0 <= prob <= 1 and 0 <= level <= 1
+                out = apply_op(img, op, level)
+                assert out.size == (32, 32) and out.mode == "RGB"
+        faa = FastAutoAugment(policy)
+        for seed in range(50):
+            out = faa(_random_image(seed))
+            assert isinstance(out, Image.Image) and out.size == (32, 32)
+
+
+def test_unknown_policy_and_op_are_user_errors():
+    with pytest.raises(MicronetError, match="fa_shake26_2x96d_cifar100"):
+        load_policy("no_such_policy")
+    with pytest.raises(MicronetError, match="Wobble"):
+        FastAutoAugment([[("Wobble", 0.5, 0.5), ("Invert", 0.5, 0.5)]])
+
+
+def test_point_ops_exact():
+    img = _random_image()
+    a = np.asarray(img)
+    assert np.array_equal(np.asarray(apply_op(img, "Invert", 0.3)), 255 - a)
+    assert np.array_equal(np.asarray(apply_op(img, "Posterize", 0.0)), a & 0xF0)  # 4 bits kept
+    assert np.array_equal(np.asarray(apply_op(img, "Posterize", 0.5)), a & 0xFC)  # 6 bits
+    assert np.array_equal(np.asarray(apply_op(img, "Posterize", 1.0)), a)  # 8 bits: identity
+    assert np.array_equal(np.asarray(apply_op(img, "Solarize", 1.0)), a)  # threshold 256
+    assert np.array_equal(np.asarray(apply_op(img, "Solarize", 0.0)), 255 - a)  # threshold 0
+    for op in ("Contrast", "Color", "Brightness", "Sharpness"):  # level 0.5 -> factor 1.0
+        assert np.array_equal(np.asarray(apply_op(img, op, 0.5)), a), op
+    assert np.asarray(apply_op(img, "Brightness", 0.0)).mean() < 0.2 * a.mean()  # factor 0.1
+
+
+def test_geometric_ops_move_pixels():
+    img = _random_image()
+    a = np.asarray(img)
+    random.seed(0)
+    for op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        assert not np.array_equal(np.asarray(apply_op(img, op, 1.0)), a), op
+        assert np.array_equal(np.asarray(apply_op(img, op, 0.5)), a), op  # middle of a symmetric range: 0
+    # Translation is a fraction of the size: 0.25 -> 8 pixels, the uncovered border black.
+    out = np.asarray(augment.translate_x(img, 0.25))
+    assert np.array_equal(out[:, :24], a[:, 8:]) and not out[:, 24:].any()
+    out = np.asarray(augment.translate_y(img, -0.25))
+    assert np.array_equal(out[8:], a[:24]) and not out[:8].any()
+
+
+def test_geometric_ops_are_mirrored_both_ways():
+    # TranslateX at level 1 moves by +-0.45*32 px: black on the right for +, on the left for -.
+    img = Image.new("RGB", (32, 32), (255, 255, 255))
+    random.seed(0)
+    left = right = 0
+    for _ in range(400):
+        out = np.asarray(apply_op(img, "TranslateX", 1.0))
+        right += int(out[:, -1].max() == 0)
+        left += int(out[:, 0].max() == 0)
+    assert left + right == 400 and 150 < left < 250
+
+
+def test_faa_cutout_is_a_gray_square():
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    random.seed(0)
+    for _ in range(100):
+        gray = np.all(np.asarray(apply_op(img, "Cutout", 1.0)) == CUTOUT_FILL, axis=-1)  # side 0.2*32 = 6.4
+        ys, xs = np.nonzero(gray)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert gray.sum() == h * w and h <= 7 and w <= 7  # one filled, possibly clipped, rectangle
+    assert not np.asarray(apply_op(img, "Cutout", 0.0)).any()
+
+
+def test_faa_picks_one_sub_policy_and_respects_probability():
+    policy = [[("Invert", 1.0, 0.0), ("Invert", 0.0, 0.0)], [("Posterize", 1.0, 0.0), ("Invert", 1.0, 0.0)]]
+    faa = FastAutoAugment(policy)
+    img = _random_image()
+    a = np.asarray(img)
+    random.seed(0)
+    outs = {np.asarray(faa(img)).tobytes() for _ in range(100)}
+    # Sub-policy 1: one Invert (prob 0 never fires); sub-policy 2: Posterize then Invert. Nothing else.
+    assert outs == {(255 - a).tobytes(), (255 - (a & 0xF0)).tobytes()}
+
+
+# --- the synthetic data is learnable ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    # On a busy 2-core machine, 2 intra-op threads spin against each other (measured ~10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_synthetic_is_learnable(tmp_path, one_thread):
+    write_synthetic_cifar100(tmp_path, 2000, 1000, seed=0)
+    torch.manual_seed(0)
+    train = load_cifar100(tmp_path, train=True, transform=build_transform(AugmentConfig(), train=True))
+    test = load_cifar100(tmp_path, train=False, transform=build_transform(AugmentConfig(), train=False))
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 100),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    start = time.perf_counter()
+    for _ in range(3):
+        net.train()
+        for x, y in torch.utils.data.DataLoader(train, batch_size=64, shuffle=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        x, y = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    print(f"synthetic CIFAR-100: {acc:.1%} test accuracy after 3 epochs in {time.perf_counter() - start:.1f}s")
+    assert acc > 0.2  # chance is 1%
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_synth_command(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from stages.data import synth_command
+
+    app = typer.Typer()
+    app.command("synth")(synth_command)
+    app.command("other")(lambda: None)  # two commands, so Typer keeps the subcommand name
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--train", "200", "--test", "100", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip()
+    assert "\n" not in line and str(tmp_path / "cifar-100-python") in line and "200" in line and "100" in line
+    assert synthetic_manifest(tmp_path)["seed"] == 3
+    assert len(load_cifar100(tmp_path, train=True)) == 200
