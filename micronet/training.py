@@ -301,8 +301,6 @@ def fit(
         if runtime.is_main:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch",)))
-            if on_epoch is not None:
-                on_epoch(row)
             if resume_path is not None:
                 atomic_save(
                     {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
@@ -310,6 +308,8 @@ def fit(
                      "best_val_top1": result.best_val_top1, "best_model": best_state},
                     resume_path,
                 )
+            if on_epoch is not None:
+                on_epoch(row)
         barrier(runtime)
 
     if best_state is not None:

@@ -55,6 +55,7 @@ def train_command(
                 "best_epoch": result.best_epoch,
                 "val_accuracy": result.best_val_top1,
                 "parameters": n_params,
+                "processes": runtime.world_size,
             }
             runner.write_json(metrics, summary)
             runner.write_csv(plots, result.history)

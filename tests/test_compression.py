@@ -159,3 +159,50 @@ def test_quantize_tensor_rounds_to_bits():
     assert torch.equal(ints, ints.round()) and ints.min() >= -128 and ints.max() <= 127
     assert (q - x).abs().max() <= 2.0 ** (-e) / 2 + 1e-6
     assert power_of_two_exponent(1.0, 8) == 7 and power_of_two_exponent(1.5, 8) == 6
+
+
+def _quantized_toy():
+    from micronet.scoring import foldable_batchnorms
+
+    model = toy()
+    prune_to_rate(model, torch.zeros(1, 3, 32, 32), 0.3, count_parameters(model), criterion="magnitude")
+    apply_masks(model, global_magnitude_masks(prunable_weights(model), 0.5))
+    calib = [x for x, _ in batches(3, 8)]
+    x = calib[0]
+    reference = model(x)
+    pairs = foldable_batchnorms(model, (3, 32, 32))
+    info = quantize_model(model, pairs, calib, weight_bits=9, activation_bits=12)
+    return model, info, x, reference
+
+
+def test_quantize_folds_bn_rounds_weights_and_keeps_zeros(tmp_path):
+    model, info, x, reference = _quantized_toy()
+    spec = info["spec"]
+    assert spec["folded"] and ["conv1", "bn1"] in spec["folded"]
+    assert isinstance(model.bn1, nn.Identity) and model.conv1.bias is not None
+    for (name, exponent) in info["weight_exponents"].items():
+        p = model.get_parameter(name)
+        ints = p.detach() * 2.0**exponent
+        assert torch.equal(ints, ints.round()), name
+        assert ints.min() >= -256 and ints.max() <= 255, name  # 9-bit signed
+    # sparsity survives quantization exactly
+    assert sparsity_report(model)["layer1.0.conv2"]["sparsity"] >= 0.2
+    # activations are rounded too: outputs differ slightly from float, but not wildly
+    out = model(x)
+    assert not torch.equal(out, reference)
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.75
+
+
+def test_quantized_checkpoint_round_trips_and_the_counter_reads_its_bits(tmp_path):
+    from micronet.scoring import count
+
+    model, info, x, _ = _quantized_toy()
+    path = tmp_path / "q.pt"
+    atomic_save(make_checkpoint(model, "pyramidnet", ARGS), path)
+    reloaded, ckpt = load_model(path)
+    assert ckpt["quantization"]["weight_bits"] == 9 and ckpt["quantization"]["activation_bits"] == 12
+    assert torch.equal(reloaded.eval()(x), model(x))
+    counted = count(reloaded, (3, 32, 32), freebie=True)
+    assert counted.quantized and not counted.freebie
+    convs = [r for r in counted.layers if r.kind == "conv"]
+    assert convs and all(r.bits == 12 for r in convs[1:])  # max(9-bit weights, 12-bit activations)

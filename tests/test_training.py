@@ -1,0 +1,114 @@
+"""The shared training loop: learning, schedules, masks held at zero, resume after an interruption, DDP."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import TensorDataset
+
+from micronet.config import OptimConfig, ScheduleConfig
+from micronet.training import Runtime, fit, lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"))
+
+
+def blobs(n: int = 256, seed: int = 0) -> TensorDataset:
+    """Two separable classes: a tiny net must learn them in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) + 2.0 * (y[:, None] * 2 - 1)
+    return TensorDataset(x, y)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def test_schedules():
+    assert lr_multiplier(ScheduleConfig(kind="constant"), 5, 10) == 1.0
+    step = ScheduleConfig(kind="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert [round(lr_multiplier(step, e, 200), 6) for e in (0, 99, 100, 149, 150)] == [1, 1, 0.1, 0.1, 0.01]
+    cosine = ScheduleConfig(kind="cosine")
+    assert lr_multiplier(cosine, 0, 10) == 1.0 and lr_multiplier(cosine, 5, 10) == pytest.approx(0.5)
+    warm = ScheduleConfig(kind="cosine", warmup_epochs=5)
+    assert lr_multiplier(warm, 0, 100) == pytest.approx(0.2)
+    pyramid = ScheduleConfig(kind="pyramid")
+    assert lr_multiplier(pyramid, 449, 1800) == 1.0
+    assert lr_multiplier(pyramid, 450, 1800) == pytest.approx(0.1)
+    assert lr_multiplier(pyramid, 900, 1800) == pytest.approx(0.01 * 0.2)
+
+
+def test_fit_learns_and_keeps_the_best_validation_epoch():
+    model = small_net()
+    result = fit(model, blobs(), blobs(128, seed=1), OptimConfig(epochs=4, lr=0.1), CPU, batch_size=32)
+    assert len(result.history) == 4
+    assert result.best_val_top1 >= 0.95
+    assert result.best_val_top1 == max(r["val_acc"] for r in result.history)
+
+
+def test_masks_keep_pruned_weights_exactly_zero():
+    model = small_net()
+    mask = (torch.rand(16, 8, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with torch.no_grad():
+        model[0].weight.mul_(mask)
+    fit(model, blobs(), None, OptimConfig(epochs=2, lr=0.5, weight_decay=1e-3), CPU, batch_size=32,
+        masks={"0.weight": mask})
+    assert torch.all(model[0].weight[mask == 0] == 0)
+    assert torch.all(model[0].weight[mask == 1] != 0)
+
+
+def test_interrupted_training_resumes_from_the_last_epoch(tmp_path):
+    resume = tmp_path / "train.resume.pt"
+    seen: list[int] = []
+
+    def interrupt_after_two(row):
+        seen.append(row["epoch"])
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = OptimConfig(epochs=4, lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_net(), blobs(), blobs(64, 1), cfg, CPU, batch_size=32, resume_path=resume, fingerprint="a",
+            on_epoch=interrupt_after_two)
+    assert resume.is_file()
+    result = fit(small_net(), blobs(), blobs(64, 1), cfg, CPU, batch_size=32, resume_path=resume, fingerprint="a",
+                 on_epoch=lambda row: seen.append(row["epoch"]))
+    assert seen == [1, 2, 3, 4]  # epochs 1-2 were not trained again
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    # a different fingerprint (changed params or input) starts afresh
+    seen.clear()
+    fit(small_net(), blobs(), None, cfg, CPU, batch_size=32, resume_path=resume, fingerprint="b",
+        on_epoch=lambda row: seen.append(row["epoch"]))
+    assert seen == [1, 2, 3, 4]
+
+
+def test_train_stage_under_torchrun_two_cpu_processes(tmp_path):
+    """`distributed.nproc_per_node: 2` relaunches the stage under torchrun: two gloo processes, one checkpoint."""
+    from micronet.data import write_synthetic_cifar100
+
+    write_synthetic_cifar100(tmp_path / "data", n_train=200, n_test=100, seed=0)
+    params = yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text())
+    params["data"].update(root=str(tmp_path / "data"), val_size=40, batch_size=32)
+    params["data"]["augment"]["autoaugment"] = None
+    params["model"]["args"].update(depth=11, alpha=8)
+    params["train"].update(epochs=1)
+    params["distributed"] = {"nproc_per_node": 2, "device": "cpu", "backend": "gloo", "threads": 1}
+    params["tracking"] = {"enabled": False, "experiment": "t"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "micronet.cli", "train", "--params", "params.yaml", "--output", "m.pt",
+         "--metrics", "m.json", "--plots", "m.csv"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert summary["processes"] == 2
+    assert (tmp_path / "m.pt").is_file() and 0.0 <= summary["val_accuracy"] <= 1.0
