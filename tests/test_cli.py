@@ -1,0 +1,66 @@
+"""The `micronet` command as a user meets it: one-line errors, nothing overwritten, `count` for any arch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def micronet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "micronet.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def demo_params(tmp_path: Path, mutate=lambda p: None) -> Path:
+    params = yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_bad_rate_fails_fast_and_overwrites_nothing(tmp_path):
+    demo_params(tmp_path, lambda p: p["prune"].__setitem__("rate", 1.5))
+    existing = tmp_path / "models" / "prune.pt"
+    existing.parent.mkdir()
+    existing.write_bytes(b"previous result")
+    for stage in ("train", "prune", "quantize"):  # every stage validates the whole file
+        line = one_line_error(micronet(stage, cwd=tmp_path))
+        assert "params.yaml" in line and "prune.rate" in line and "1.5" in line and "less than 1" in line
+    assert existing.read_bytes() == b"previous result"
+
+
+def test_unknown_key_is_named(tmp_path):
+    demo_params(tmp_path, lambda p: p["quantize"].__setitem__("bitz", 4))
+    assert "unknown key 'quantize.bitz'" in one_line_error(micronet("score", cwd=tmp_path))
+
+
+def test_missing_dataset_says_where_to_put_it(tmp_path):
+    demo_params(tmp_path, lambda p: p["data"].__setitem__("root", "nowhere"))
+    line = one_line_error(micronet("train", cwd=tmp_path))
+    assert "cifar-100-python" in line and "data.download: true" in line
+
+
+def test_missing_input_checkpoint(tmp_path):
+    demo_params(tmp_path)
+    line = one_line_error(micronet("sparsify", "--input", "models/none.pt", cwd=tmp_path))
+    assert "models/none.pt" in line and "checkpoint not found" in line
+
+
+def test_count_prints_a_table_for_a_registered_arch(tmp_path):
+    proc = micronet("count", "--arch", "pyramidnet", "--input", "3,32,32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "params" in proc.stdout and "flops" in proc.stdout and "layer3.0.conv2" in proc.stdout
+    bad = micronet("count", "--arch", "nonet", cwd=tmp_path)
+    assert "unknown architecture 'nonet'" in one_line_error(bad)

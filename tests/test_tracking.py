@@ -1,0 +1,60 @@
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from micronet.config import TrackingConfig
+from micronet.tracking import repository_root, stage_run, tracking_uri
+
+
+def test_default_store_is_an_absolute_sqlite_file_at_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "pipelines" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "pipelines" / "demo")
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # DVC's queued/temp experiments run in a copy under .dvc/tmp/exps: still the original store
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123" / "pipelines" / "demo"
+    copy.mkdir(parents=True)
+    assert repository_root(copy) == tmp_path.resolve()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert tracking_uri() == "sqlite:////elsewhere/x.db"
+
+
+def test_stages_are_child_runs_of_one_parent_per_pipeline_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("a: 1\n")
+    cfg = TrackingConfig(experiment="exp")
+    with stage_run("train", cfg, {"a": 1}, params_file) as track:
+        track.log_metrics({"val_acc": 0.5}, step=1)
+    with stage_run("score", cfg, {"a": 1}, params_file) as track:
+        track.log_metrics({"score": 0.1}, parent=True)
+    monkeypatch.setenv("DVC_EXP_NAME", "curly-exp")
+    with stage_run("score", cfg, {"a": 1}, params_file) as track:
+        track.log_metrics({"score": 0.2}, parent=True)
+
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("exp")
+    assert experiment.artifact_location.startswith("file://") and "mlruns" not in experiment.artifact_location
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    assert len(parents) == 2 and len(children) == 3
+    by_name = {p.info.run_name: p for p in parents}
+    assert "curly-exp" in by_name
+    first = next(p for name, p in by_name.items() if name != "curly-exp")
+    mine = [c.info.run_name for c in children if c.data.tags[MLFLOW_PARENT_RUN_ID] == first.info.run_id]
+    assert sorted(mine) == ["score", "train"]
+    assert first.data.metrics["score"] == 0.1 and by_name["curly-exp"].data.metrics["score"] == 0.2
+    assert first.data.params["a"] == "1"
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    with stage_run("train", TrackingConfig(enabled=False), {}, tmp_path / "params.yaml") as track:
+        assert not track.active
+        track.log_metrics({"x": 1.0})
+    assert not (tmp_path / "mlflow.db").exists()
