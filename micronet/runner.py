@@ -12,13 +12,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from micronet.checkpoint import atomic_save
-from micronet.config import Params, load_params
+from micronet.config import OptimConfig, Params, load_params
 
 
 def prepare(params_path: Path) -> Params:
@@ -112,3 +112,59 @@ class StepProgress:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def compress_in_steps(
+    stage: str,
+    model: torch.nn.Module,
+    source: dict[str, Any],
+    targets: list[float],
+    compress: Callable[[torch.nn.Module, int, float], Optional[dict]],
+    measure: Callable[[torch.nn.Module, float], dict[str, Any]],
+    *,
+    params: Params,
+    finetune: OptimConfig,
+    splits: Any,
+    runtime: Any,
+    track: Any,
+    output: Path,
+    key: str,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The loop prune and sparsify share: per step, `compress` the model towards `target` (it may return
+    sparsity masks), fine-tune with the one training loop, `measure` the result. Resumes after the last
+    finished step, and within a step after the last finished epoch."""
+    from micronet.checkpoint import build_from_checkpoint, make_checkpoint
+    from micronet.training import clear_resume, fit
+
+    progress = StepProgress(resume_file(output, ".steps"), key)
+    rows: list[dict[str, Any]] = []
+    first_step = 0
+    if (state := progress.load()) is not None:
+        model = build_from_checkpoint(state["checkpoint"])
+        rows, first_step = state["rows"], state["step"] + 1
+    model.to(runtime.device)
+    epochs = max(1, finetune.epochs)
+    for step, target in enumerate(targets):
+        if step < first_step:
+            continue
+        masks = compress(model, step, target)
+        model.to(runtime.device)
+        resume = resume_file(output, f".step{step}")
+        result = fit(
+            model, splits.train, splits.val, finetune, runtime, masks=masks,
+            batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
+            seed=params.train.seed + step, resume_path=resume, fingerprint=key,
+            desc=f"{stage} {step + 1}/{len(targets)}",
+            on_epoch=lambda r, s=step: track.log_metrics(
+                {f"finetune_{k}": v for k, v in r.items() if k != "epoch"}, s * epochs + r["epoch"]),
+        )
+        row = {"step": step + 1, "target_rate": target, **measure(model, target),
+               "val_accuracy": result.best_val_top1}
+        rows.append(row)
+        if runtime.is_main:
+            track.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step + 1)
+            progress.save(step, make_checkpoint(model, source["arch"], source["args"]), rows)
+            clear_resume(resume, runtime)
+    if runtime.is_main:
+        progress.clear()
+    return model, rows

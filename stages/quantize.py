@@ -35,7 +35,7 @@ def quantize_command(
     model, source = load_model(input)
     model.to(runtime.device)
     splits = build_splits(params.data)
-    calibration_set = splits.val or splits.train
+    calibration_set = splits.val or splits.train_eval
     loader = make_loader(calibration_set, params.data.eval_batch_size, runtime, train=False, workers=params.data.workers)
     before = evaluate(model, loader, runtime) if splits.val is not None else None
     input_size = tuple(calibration_set[0][0].shape)

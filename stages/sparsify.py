@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.nn as nn
 import typer
 
 from micronet import runner
-from micronet.checkpoint import atomic_save, build_from_checkpoint, load_model, make_checkpoint
+from micronet.checkpoint import atomic_save, load_model, make_checkpoint
 from micronet.compression.sparsity import (
     apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report, step_rates,
 )
 from micronet.data import build_splits
 from micronet.tracking import stage_run
-from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
+from micronet.training import setup_runtime, teardown_runtime
 from stages.common import ParamsOption
 
 
@@ -36,43 +37,25 @@ def sparsify_command(
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     prunable_weights(model, cfg.exclude)  # fail fast on a misspelt exclude
-    finetune = cfg.finetune
-    splits = build_splits(params.data.model_copy(update={"augment": finetune.augment or params.data.augment}))
-    progress = runner.StepProgress(runner.resume_file(output, ".steps"), runner.fingerprint(
-        input, params.data.model_dump(), cfg.model_dump()))
-    rows: list[dict] = []
-    first_step = 0
-    if (state := progress.load()) is not None:
-        model = build_from_checkpoint(state["checkpoint"])
-        rows, first_step = state["rows"], state["step"] + 1
-    model.to(runtime.device)
+    splits = build_splits(params.data.model_copy(update={"augment": cfg.finetune.augment or params.data.augment}))
+
+    def sparsify(model: nn.Module, step: int, target: float) -> dict:
+        # Every rank holds the same weights (DDP), so every rank computes the same masks.
+        masks = global_magnitude_masks(prunable_weights(model, cfg.exclude), target)
+        apply_masks(model, masks)
+        return masks
+
+    def measure(model: nn.Module, target: float) -> dict:
+        eligible = {n: r for n, r in sparsity_report(model).items() if n not in cfg.exclude}
+        return {"sparsity": overall_sparsity(eligible)}
 
     with stage_run("sparsify", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
         track.log_params({"sparsify": cfg.model_dump()})
-        for step, target in enumerate(step_rates(cfg.rate, cfg.steps)):
-            if step < first_step:
-                continue
-            masks = global_magnitude_masks(prunable_weights(model, cfg.exclude), target)
-            apply_masks(model, masks)
-            resume = runner.resume_file(output, f".step{step}")
-            result = fit(
-                model, splits.train, splits.val, finetune, runtime, masks=masks,
-                batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
-                seed=params.train.seed + step, resume_path=resume, fingerprint=progress.key,
-                desc=f"sparsify {step + 1}/{cfg.steps}",
-                on_epoch=lambda r, s=step: track.log_metrics(
-                    {f"finetune_{k}": v for k, v in r.items() if k != "epoch"}, s * max(1, finetune.epochs) + r["epoch"]),
-            )
-            report = sparsity_report(model)
-            eligible = {n: r for n, r in report.items() if n not in cfg.exclude}
-            row = {"step": step + 1, "target_rate": target, "sparsity": overall_sparsity(eligible),
-                   "val_accuracy": result.best_val_top1}
-            rows.append(row)
-            if runtime.is_main:
-                track.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step + 1)
-                progress.save(step, make_checkpoint(model, source["arch"], source["args"]), rows)
-                clear_resume(resume, runtime)
-
+        key = runner.fingerprint(input, params.data.model_dump(), cfg.model_dump(), params.train.seed)
+        model, rows = runner.compress_in_steps(
+            "sparsify", model.to(runtime.device), source, step_rates(cfg.rate, cfg.steps), sparsify, measure,
+            params=params, finetune=cfg.finetune, splits=splits, runtime=runtime, track=track, output=output, key=key,
+        )
         if runtime.is_main:
             atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="sparsify"), output)
             report = sparsity_report(model)
@@ -82,8 +65,6 @@ def sparsify_command(
                        "steps": rows, "layers": report}
             runner.write_json(metrics, summary)
             runner.write_csv(plots, rows)
-            track.log_metrics({"sparsity": final["sparsity"],
-                               **({"val_accuracy": final["val_accuracy"]} if final["val_accuracy"] is not None else {})})
+            track.log_metrics({k: final[k] for k in ("sparsity", "val_accuracy") if final[k] is not None})
             track.log_artifact(metrics)
-            progress.clear()
     teardown_runtime(runtime)
