@@ -23,6 +23,7 @@ from torchvision.datasets.vision import StandardTransform
 from micronet.augment import Cutout, FastAutoAugment, load_policy
 from micronet.config import AugmentConfig, DataConfig
 from micronet.errors import MicronetError
+from micronet.paths import untracked_input
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -83,7 +84,7 @@ def load_cifar100(
     root: str | Path, train: bool, download: bool = False, transform: Optional[Callable] = None
 ) -> CIFAR100:
     """CIFAR-100 from `root/cifar-100-python/{train,test,meta}` (torchvision's layout), real or synthetic."""
-    root = Path(root)
+    root = untracked_input(root)
     manifest = synthetic_manifest(root)
     try:
         if manifest is not None:

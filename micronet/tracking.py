@@ -11,21 +11,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from micronet.config import TrackingConfig
+from micronet.paths import repository_root
 
-EXPS_MARKER = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 PIPELINE_TAG = "micronet.pipeline_run"
-
-
-def repository_root(start: Path | None = None) -> Path:
-    """The DVC repository this process works in; for DVC's temporary experiment copies, the original one."""
-    start = (start or Path.cwd()).resolve()
-    text = str(start)
-    if EXPS_MARKER in text:
-        return Path(text.split(EXPS_MARKER)[0])
-    for folder in (start, *start.parents):
-        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
-            return folder
-    return start
 
 
 def tracking_uri() -> str:

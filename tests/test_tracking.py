@@ -4,7 +4,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from micronet.config import TrackingConfig
-from micronet.tracking import repository_root, stage_run, tracking_uri
+from micronet.paths import repository_root
+from micronet.tracking import stage_run, tracking_uri
 
 
 def test_default_store_is_an_absolute_sqlite_file_at_the_repository_root(tmp_path, monkeypatch):
@@ -58,3 +59,18 @@ def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
         assert not track.active
         track.log_metrics({"x": 1.0})
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_untracked_data_is_found_from_a_dvc_experiment_copy(tmp_path, monkeypatch):
+    from micronet.paths import untracked_input
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "pipelines/demo/data/cifar100").mkdir(parents=True)
+    copy = tmp_path / ".dvc/tmp/exps/run/0a1b2c"
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "pipelines/demo").mkdir(parents=True)
+    monkeypatch.chdir(copy / "pipelines/demo")
+    assert untracked_input("data/cifar100") == tmp_path.resolve() / "pipelines/demo/data/cifar100"
+    assert untracked_input("data/other") == Path("data/other")  # nothing there either: unchanged
+    (copy / "pipelines/demo/data/cifar100").mkdir(parents=True)  # present in the copy (DVC-tracked): used
+    assert untracked_input("data/cifar100") == Path("data/cifar100")
