@@ -23,8 +23,8 @@ install: $(UV)
 
 demo: install
 	cd pipelines/demo && $(RUN) dvc repro
-	@cd pipelines/demo && $(RUN) dvc metrics show
-	@cat pipelines/demo/metrics/score_layers.txt | tail -n 12
+	@cd pipelines/demo && $(RUN) dvc metrics show $(addprefix metrics/,train.json prune.json sparsify.json quantize.json score.json)
+	@tail -n 8 pipelines/demo/metrics/score_layers.txt
 
 test: install
 	$(RUN) pytest -q

@@ -25,12 +25,14 @@ def sparsify_command(
     output: Path = typer.Option(Path("models/sparsify.pt"), "--output"),
     metrics: Path = typer.Option(Path("metrics/sparsify.json"), "--metrics"),
     plots: Path = typer.Option(Path("metrics/plots/sparsify.csv"), "--plots"),
+    layers: Path = typer.Option(Path("metrics/sparsify_layers.json"), "--layers", help="per-layer sparsity"),
 ) -> None:
     params = runner.prepare(params_path)
     cfg = params.sparsify
     if not cfg.enabled:
         runner.pass_through(input, output)
         runner.write_json(metrics, {"enabled": False})
+        runner.write_json(layers, {})
         runner.write_csv(plots, [])
         return
     runtime = setup_runtime(params.distributed)
@@ -62,9 +64,11 @@ def sparsify_command(
             final = rows[-1]
             summary = {"enabled": True, "target_rate": cfg.rate, "sparsity": final["sparsity"],
                        "sparsity_all_layers": overall_sparsity(report), "val_accuracy": final["val_accuracy"],
-                       "steps": rows, "layers": report}
+                       "steps": rows}
             runner.write_json(metrics, summary)
+            runner.write_json(layers, report)
             runner.write_csv(plots, rows)
             track.log_metrics({k: final[k] for k in ("sparsity", "val_accuracy") if final[k] is not None})
             track.log_artifact(metrics)
+            track.log_artifact(layers)
     teardown_runtime(runtime)

@@ -87,7 +87,9 @@ def test_repro_then_experiment(repo, env):
     ckpt = torch.load(demo / "models/quantize.pt", map_location="cpu", weights_only=True)
     assert ckpt["quantization"]["weight_bits"] == 9 and ckpt["quantization"]["activation_bits"] == 12
     sparse = json.loads((demo / "metrics/sparsify.json").read_text())
-    eligible = [n for n in sparse["layers"] if n != "conv1"]
+    layers = json.loads((demo / "metrics/sparsify_layers.json").read_text())
+    assert layers["conv1"]["zeros"] == 0 and sparse["sparsity"] == pytest.approx(0.5, abs=0.01)
+    eligible = [n for n in layers if n != "conv1"]
     zeros = sum((ckpt["state_dict"][f"{n}.weight"] == 0).sum().item() for n in eligible)
     total = sum(ckpt["state_dict"][f"{n}.weight"].numel() for n in eligible)
     assert zeros / total == pytest.approx(0.5, abs=0.01)
