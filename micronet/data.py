@@ -91,16 +91,31 @@ def load_cifar100(
             return SyntheticCIFAR100(root, manifest["md5"], train=train, transform=transform)
         return CIFAR100(root, train=train, transform=transform, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted" (missing file or md5 mismatch)
-        folder = (root / BASE_FOLDER).resolve()
-        missing = [f for f in ("train", "test", "meta") if not (folder / f).is_file()]
-        problem = f"missing {', '.join(missing)}" if missing else "corrupted or not CIFAR-100 (md5 check failed)"
-        raise MicronetError(
-            f"CIFAR-100 not usable at {folder}: {problem}; put the extracted 'cifar-100-python' folder "
-            f"(train, test, meta) in {root.resolve()}, or set `data.download: true` in params.yaml to download it"
-        ) from None
+        raise _not_usable(root) from None
     except OSError as e:  # download=True without network, or an unreadable folder
         action = f"download CIFAR-100 from {CIFAR100.url} to" if download else "read CIFAR-100 at"
         raise MicronetError(f"could not {action} {root.resolve()}: {e}") from None
+
+
+def _not_usable(root: Path) -> MicronetError:
+    folder = (root / BASE_FOLDER).resolve()
+    missing = [f for f in ("train", "test", "meta") if not (folder / f).is_file()]
+    problem = f"missing {', '.join(missing)}" if missing else "corrupted or not CIFAR-100 (md5 check failed)"
+    return MicronetError(
+        f"CIFAR-100 not usable at {folder}: {problem}; put the extracted 'cifar-100-python' folder "
+        f"(train, test, meta) in {root.resolve()}, or set `data.download: true` in params.yaml to download it"
+    )
+
+
+def ensure_dataset(cfg: DataConfig) -> None:
+    """Before a stage starts its worker processes: download once (data.download) or fail fast in one line,
+    rather than in every rank."""
+    root = untracked_input(cfg.root)
+    if cfg.download:
+        for train in (True, False):
+            load_cifar100(root, train=train, download=True)
+    elif any(not (root / BASE_FOLDER / f).is_file() for f in ("train", "test", "meta")):
+        raise _not_usable(root)
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch
 
 from micronet.checkpoint import atomic_save
 from micronet.config import OptimConfig, Params, load_params
+from micronet.data import ensure_dataset
+from micronet.errors import MicronetError
 
 
 def prepare(params_path: Path) -> Params:
@@ -26,7 +28,16 @@ def prepare(params_path: Path) -> Params:
     command under `torchrun --nproc-per-node N` and exit with its status."""
     params = load_params(params_path)
     n = params.distributed.nproc_per_node
-    if n > 1 and "LOCAL_RANK" not in os.environ:
+    if "LOCAL_RANK" in os.environ:
+        return params
+    ensure_dataset(params.data)
+    gpus = torch.cuda.device_count()
+    if n > 1 and params.distributed.device != "cpu" and gpus < n:
+        raise MicronetError(
+            f"{params_path}: key 'distributed.nproc_per_node' = {n}, but {gpus} GPU(s) are visible; "
+            f"set it to at most {gpus} (or distributed.device: cpu for {n} CPU processes)"
+        )
+    if n > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                "-m", "micronet.cli", *sys.argv[1:]]
         raise SystemExit(subprocess.call(cmd))

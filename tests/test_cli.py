@@ -53,7 +53,10 @@ def test_missing_dataset_says_where_to_put_it(tmp_path):
 
 
 def test_missing_input_checkpoint(tmp_path):
+    from micronet.data import write_synthetic_cifar100
+
     demo_params(tmp_path)
+    write_synthetic_cifar100(tmp_path / "data" / "synth", n_train=100, n_test=100, seed=0)
     line = one_line_error(micronet("sparsify", "--input", "models/none.pt", cwd=tmp_path))
     assert "models/none.pt" in line and "checkpoint not found" in line
 
@@ -64,3 +67,13 @@ def test_count_prints_a_table_for_a_registered_arch(tmp_path):
     assert "params" in proc.stdout and "flops" in proc.stdout and "layer3.0.conv2" in proc.stdout
     bad = micronet("count", "--arch", "nonet", cwd=tmp_path)
     assert "unknown architecture 'nonet'" in one_line_error(bad)
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(tmp_path):
+    demo_params(tmp_path, lambda p: p["distributed"].update(nproc_per_node=4, device="auto"))
+    # the dataset check comes first; give it a dataset so the GPU check is what fails
+    from micronet.data import write_synthetic_cifar100
+
+    write_synthetic_cifar100(tmp_path / "data" / "synth", n_train=100, n_test=100, seed=0)
+    line = one_line_error(micronet("prune", cwd=tmp_path))
+    assert "distributed.nproc_per_node' = 4" in line and "GPU(s) are visible" in line

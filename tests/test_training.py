@@ -112,3 +112,46 @@ def test_train_stage_under_torchrun_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["processes"] == 2
     assert (tmp_path / "m.pt").is_file() and 0.0 <= summary["val_accuracy"] <= 1.0
+
+
+def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
+    """Kill sparsify during step 2: the re-run keeps step 1's result and only does step 2."""
+    from micronet.compression.sparsity import apply_masks, global_magnitude_masks, prunable_weights
+    from micronet.config import Params
+    from micronet.nets import create_model
+    from micronet.runner import compress_in_steps
+    from micronet.tracking import StageTracker
+
+    params = Params.model_validate(yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text()))
+    data = TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+    splits = type("S", (), {"train": data, "val": None})()
+    finetune = OptimConfig(epochs=1, lr=0.01, batch_size=16)
+    calls: list[int] = []
+
+    def compress(model, step, target):
+        calls.append(step)
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        masks = global_magnitude_masks(prunable_weights(model), target)
+        apply_masks(model, masks)
+        return masks
+
+    def run():
+        torch.manual_seed(0)
+        model = create_model("pyramidnet", depth=11, alpha=4, num_classes=10)
+        return compress_in_steps(
+            "sparsify", model, {"arch": "pyramidnet", "args": {"depth": 11, "alpha": 4, "num_classes": 10}},
+            [0.3, 0.5], compress, lambda m, t: {}, params=params, finetune=finetune, splits=splits, runtime=CPU,
+            track=StageTracker(), output=tmp_path / "sparsify.pt", key="k",
+        )
+
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert (tmp_path / "sparsify.steps.resume.pt").is_file()
+    interrupt, calls = False, []
+    model, rows = run()
+    assert calls == [1] and [r["step"] for r in rows] == [1, 2]
+    weights = torch.cat([w.detach().flatten() for w in prunable_weights(model).values()])
+    assert (weights == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert not (tmp_path / "sparsify.steps.resume.pt").exists()
