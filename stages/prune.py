@@ -69,7 +69,11 @@ def prune_command(
 
     def measure(model: nn.Module, target: float) -> dict:
         n = count_parameters(model)
-        return {"rate": 1 - n / params_before, "parameters": n}
+        rate = 1 - n / params_before
+        if rate < target - 0.02 and runtime.is_main:
+            typer.echo(f"warning: prune step reached rate {rate:.4f} < target {target:.4f}: every prunable layer "
+                       f"is at prune.max_layer_rate ({cfg.max_layer_rate}); raise it or prune.steps", err=True)
+        return {"rate": rate, "parameters": n}
 
     with stage_run("prune", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
         track.log_params({"prune": cfg.model_dump()})

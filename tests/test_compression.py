@@ -206,3 +206,13 @@ def test_quantized_checkpoint_round_trips_and_the_counter_reads_its_bits(tmp_pat
     assert counted.quantized and not counted.freebie
     convs = [r for r in counted.layers if r.kind == "conv"]
     assert convs and all(r.bits == 12 for r in convs[1:])  # max(9-bit weights, 12-bit activations)
+
+
+def test_prune_stops_at_the_layer_cap_instead_of_overshooting():
+    model = toy()
+    before = count_parameters(model)
+    rate = prune_to_rate(model, torch.zeros(1, 3, 32, 32), 0.9, before, criterion="magnitude", max_layer_rate=0.2)
+    assert 0.05 < rate < 0.5  # capped: every bottleneck keeps at least 80% of its channels
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3) for b in layer]
+    reference = [b for layer in (toy().layer1, toy().layer2, toy().layer3) for b in layer]
+    assert all(b.conv1.out_channels >= 0.8 * r.conv1.out_channels - 1 for b, r in zip(blocks, reference))
