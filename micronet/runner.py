@@ -90,12 +90,30 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def pass_through(source: Path, target: Path) -> None:
-    """A switched-off stage hands its input on unchanged."""
+def write_outputs(files: dict[Path, Any]) -> None:
+    """JSON for dicts (DVC metrics), CSV for lists of rows (DVC plots)."""
+    for path, data in files.items():
+        if isinstance(data, list):
+            write_csv(path, data)
+        else:
+            write_json(path, data)
+
+
+def publish(track: Any, files: dict[Path, Any], metrics: dict[str, Any], parent: bool = False) -> None:
+    """A stage's results: files for DVC, the same files as MLflow artifacts, headline numbers as MLflow metrics."""
+    write_outputs(files)
+    track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, parent=parent)
+    for path in files:
+        track.log_artifact(path)
+
+
+def skip_stage(source: Path, target: Path, files: dict[Path, Any]) -> None:
+    """A switched-off stage hands its input on unchanged and still writes the outputs DVC expects."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
+    write_outputs(files)
 
 
 def resume_file(output: Path, tag: str = "") -> Path:

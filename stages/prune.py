@@ -43,9 +43,7 @@ def prune_command(
     params = runner.prepare(params_path)
     cfg = params.prune
     if not cfg.enabled:
-        runner.pass_through(input, output)
-        runner.write_json(metrics, {"enabled": False})
-        runner.write_csv(plots, [])
+        runner.skip_stage(input, output, {metrics: {"enabled": False}, plots: []})
         return
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(params.train.seed)
@@ -88,8 +86,6 @@ def prune_command(
             summary = {"enabled": True, "criterion": cfg.criterion, "target_rate": cfg.rate, "rate": final["rate"],
                        "parameters_before": params_before, "parameters": final["parameters"],
                        "val_accuracy": final["val_accuracy"], "steps": rows}
-            runner.write_json(metrics, summary)
-            runner.write_csv(plots, rows)
-            track.log_metrics({k: final[k] for k in ("rate", "parameters", "val_accuracy") if final[k] is not None})
-            track.log_artifact(metrics)
+            runner.publish(track, {metrics: summary, plots: rows},
+                           {k: final[k] for k in ("rate", "parameters", "val_accuracy")})
     teardown_runtime(runtime)

@@ -27,8 +27,7 @@ def quantize_command(
     params = load_params(params_path)  # calibration is one process: no torchrun relaunch
     cfg = params.quantize
     if not cfg.enabled:
-        runner.pass_through(input, output)
-        runner.write_json(metrics, {"enabled": False})
+        runner.skip_stage(input, output, {metrics: {"enabled": False}})
         return
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     runner.seed_everything(params.train.seed)
@@ -64,6 +63,5 @@ def quantize_command(
             "val_accuracy_before": before.top1 if before else None,
             "val_accuracy": after.top1 if after else None,
         }
-        runner.write_json(metrics, summary)
-        track.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        track.log_artifact(metrics)
+        runner.publish(track, {metrics: summary},
+                       {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

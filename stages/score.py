@@ -49,14 +49,13 @@ def score_command(
         "freebie": counted.freebie,
         "stage": source.get("stage"),
     }
-    runner.write_json(metrics, summary)
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(counted.table() + "\n")
     with stage_run("score", params.tracking, params.model_dump(), params_path) as track:
-        headline = {k: float(summary[k]) for k in ("accuracy", "top5", "params", "flops", "score", "qualifies")}
-        track.log_metrics(headline, parent=True)
-        track.log_artifact(metrics)
         track.log_artifact(table)
+        runner.publish(track, {metrics: summary},
+                       {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score", "qualifies")},
+                       parent=True)
     typer.echo(counted.table())
     typer.echo(
         f"{cfg.task}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), "

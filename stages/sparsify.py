@@ -30,10 +30,7 @@ def sparsify_command(
     params = runner.prepare(params_path)
     cfg = params.sparsify
     if not cfg.enabled:
-        runner.pass_through(input, output)
-        runner.write_json(metrics, {"enabled": False})
-        runner.write_json(layers, {})
-        runner.write_csv(plots, [])
+        runner.skip_stage(input, output, {metrics: {"enabled": False}, layers: {}, plots: []})
         return
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(params.train.seed)
@@ -65,10 +62,6 @@ def sparsify_command(
             summary = {"enabled": True, "target_rate": cfg.rate, "sparsity": final["sparsity"],
                        "sparsity_all_layers": overall_sparsity(report), "val_accuracy": final["val_accuracy"],
                        "steps": rows}
-            runner.write_json(metrics, summary)
-            runner.write_json(layers, report)
-            runner.write_csv(plots, rows)
-            track.log_metrics({k: final[k] for k in ("sparsity", "val_accuracy") if final[k] is not None})
-            track.log_artifact(metrics)
-            track.log_artifact(layers)
+            runner.publish(track, {metrics: summary, layers: report, plots: rows},
+                           {k: final[k] for k in ("sparsity", "val_accuracy")})
     teardown_runtime(runtime)

@@ -24,9 +24,8 @@ def train_command(
     params = runner.prepare(params_path)
     cfg = params.train
     if not cfg.enabled:
-        runner.pass_through(Path(cfg.checkpoint), output)
-        runner.write_json(metrics, {"enabled": False, "source": cfg.checkpoint})
-        runner.write_csv(plots, [])
+        runner.skip_stage(Path(cfg.checkpoint), output, {metrics: {"enabled": False, "source": cfg.checkpoint},
+                                                          plots: []})
         return
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(cfg.seed)
@@ -57,9 +56,7 @@ def train_command(
                 "parameters": n_params,
                 "processes": runtime.world_size,
             }
-            runner.write_json(metrics, summary)
-            runner.write_csv(plots, result.history)
-            track.log_metrics({"val_accuracy": result.best_val_top1, "parameters": n_params})
-            track.log_artifact(metrics)
+            runner.publish(track, {metrics: summary, plots: result.history},
+                           {"val_accuracy": result.best_val_top1, "parameters": n_params})
             clear_resume(resume, runtime)
     teardown_runtime(runtime)

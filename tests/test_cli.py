@@ -77,3 +77,26 @@ def test_more_processes_than_gpus_is_a_one_line_error(tmp_path):
     write_synthetic_cifar100(tmp_path / "data" / "synth", n_train=100, n_test=100, seed=0)
     line = one_line_error(micronet("prune", cwd=tmp_path))
     assert "distributed.nproc_per_node' = 4" in line and "GPU(s) are visible" in line
+
+
+def test_a_switched_off_stage_passes_its_input_through(tmp_path):
+    import json
+
+    import torch
+
+    from micronet.checkpoint import atomic_save, make_checkpoint
+    from micronet.nets import create_model
+
+    demo_params(tmp_path, lambda p: p["sparsify"].__setitem__("enabled", False))
+    from micronet.data import write_synthetic_cifar100
+
+    write_synthetic_cifar100(tmp_path / "data" / "synth", n_train=100, n_test=100, seed=0)
+    torch.manual_seed(0)
+    atomic_save(make_checkpoint(create_model("pyramidnet", depth=11, alpha=4), "pyramidnet",
+                                {"depth": 11, "alpha": 4}), tmp_path / "in.pt")
+    proc = micronet("sparsify", "--input", "in.pt", "--output", "out.pt", "--metrics", "m.json", "--plots", "p.csv",
+                    "--layers", "l.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.pt").read_bytes() == (tmp_path / "in.pt").read_bytes()
+    assert json.loads((tmp_path / "m.json").read_text()) == {"enabled": False}
+    assert (tmp_path / "p.csv").is_file() and (tmp_path / "l.json").is_file()
