@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from micronet.checkpoint import atomic_save
-from micronet.config import OptimConfig, Params, load_params
+from micronet.config import Params, PruneConfig, SparsifyConfig, load_params
 from micronet.data import ensure_dataset
 from micronet.errors import MicronetError
 
@@ -147,24 +147,27 @@ def compress_in_steps(
     stage: str,
     model: torch.nn.Module,
     source: dict[str, Any],
-    targets: list[float],
+    section: PruneConfig | SparsifyConfig,
     compress: Callable[[torch.nn.Module, int, float], Optional[dict]],
     measure: Callable[[torch.nn.Module, float], dict[str, Any]],
     *,
     params: Params,
-    finetune: OptimConfig,
+    input: Path,
     splits: Any,
     runtime: Any,
     track: Any,
     output: Path,
-    key: str,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """The loop prune and sparsify share: per step, `compress` the model towards `target` (it may return
-    sparsity masks), fine-tune with the one training loop, `measure` the result. Resumes after the last
-    finished step, and within a step after the last finished epoch."""
+    """The loop prune and sparsify share: per step, `compress` the model towards that step's rate (it may
+    return sparsity masks), fine-tune with the one training loop, `measure` the result; then write the final
+    checkpoint to `output`. Resumes after the last finished step, and within a step after the last epoch."""
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
+    from micronet.compression.sparsity import step_rates
     from micronet.training import clear_resume, fit
 
+    finetune = section.finetune
+    key = fingerprint(input, params.data.model_dump(), section.model_dump(), params.train.seed)
+    targets = step_rates(section.rate, section.steps)
     progress = StepProgress(resume_file(output, ".steps"), key)
     rows: list[dict[str, Any]] = []
     first_step = 0
@@ -195,5 +198,6 @@ def compress_in_steps(
             progress.save(step, make_checkpoint(model, source["arch"], source["args"]), rows)
             clear_resume(resume, runtime)
     if runtime.is_main:
+        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage=stage), output)
         progress.clear()
     return model, rows

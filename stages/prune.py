@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import typer
 
 from micronet import runner
-from micronet.checkpoint import apply_channel_plan, atomic_save, channel_plan, load_model, make_checkpoint
-from micronet.compression.sparsity import step_rates
+from micronet.checkpoint import apply_channel_plan, channel_plan, load_model
 from micronet.compression.structured import count_parameters, prune_to_rate
 from micronet.data import build_splits
 from micronet.tracking import stage_run
@@ -75,13 +74,11 @@ def prune_command(
 
     with stage_run("prune", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
         track.log_params({"prune": cfg.model_dump()})
-        key = runner.fingerprint(input, params.data.model_dump(), cfg.model_dump(), params.train.seed)
         model, rows = runner.compress_in_steps(
-            "prune", model.to(runtime.device), source, step_rates(cfg.rate, cfg.steps), prune, measure,
-            params=params, finetune=cfg.finetune, splits=splits, runtime=runtime, track=track, output=output, key=key,
+            "prune", model, source, cfg, prune, measure,
+            params=params, input=input, splits=splits, runtime=runtime, track=track, output=output,
         )
         if runtime.is_main:
-            atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="prune"), output)
             final = rows[-1]
             summary = {"enabled": True, "criterion": cfg.criterion, "target_rate": cfg.rate, "rate": final["rate"],
                        "parameters_before": params_before, "parameters": final["parameters"],

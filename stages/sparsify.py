@@ -9,9 +9,9 @@ import torch.nn as nn
 import typer
 
 from micronet import runner
-from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+from micronet.checkpoint import load_model
 from micronet.compression.sparsity import (
-    apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report, step_rates,
+    apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report,
 )
 from micronet.data import build_splits
 from micronet.tracking import stage_run
@@ -50,13 +50,11 @@ def sparsify_command(
 
     with stage_run("sparsify", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
         track.log_params({"sparsify": cfg.model_dump()})
-        key = runner.fingerprint(input, params.data.model_dump(), cfg.model_dump(), params.train.seed)
         model, rows = runner.compress_in_steps(
-            "sparsify", model.to(runtime.device), source, step_rates(cfg.rate, cfg.steps), sparsify, measure,
-            params=params, finetune=cfg.finetune, splits=splits, runtime=runtime, track=track, output=output, key=key,
+            "sparsify", model, source, cfg, sparsify, measure,
+            params=params, input=input, splits=splits, runtime=runtime, track=track, output=output,
         )
         if runtime.is_main:
-            atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="sparsify"), output)
             report = sparsity_report(model)
             final = rows[-1]
             summary = {"enabled": True, "target_rate": cfg.rate, "sparsity": final["sparsity"],

@@ -117,15 +117,17 @@ def test_train_stage_under_torchrun_two_cpu_processes(tmp_path):
 def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
     """Kill sparsify during step 2: the re-run keeps step 1's result and only does step 2."""
     from micronet.compression.sparsity import apply_masks, global_magnitude_masks, prunable_weights
-    from micronet.config import Params
+    from micronet.config import Params, SparsifyConfig
     from micronet.nets import create_model
     from micronet.runner import compress_in_steps
     from micronet.tracking import StageTracker
 
     params = Params.model_validate(yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text()))
+    section = SparsifyConfig(rate=0.5, steps=2, finetune=OptimConfig(epochs=1, lr=0.01, batch_size=16))
     data = TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
     splits = type("S", (), {"train": data, "val": None})()
-    finetune = OptimConfig(epochs=1, lr=0.01, batch_size=16)
+    source = tmp_path / "input.pt"
+    source.write_bytes(b"the stage's input checkpoint")
     calls: list[int] = []
 
     def compress(model, step, target):
@@ -141,8 +143,8 @@ def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
         model = create_model("pyramidnet", depth=11, alpha=4, num_classes=10)
         return compress_in_steps(
             "sparsify", model, {"arch": "pyramidnet", "args": {"depth": 11, "alpha": 4, "num_classes": 10}},
-            [0.3, 0.5], compress, lambda m, t: {}, params=params, finetune=finetune, splits=splits, runtime=CPU,
-            track=StageTracker(), output=tmp_path / "sparsify.pt", key="k",
+            section, compress, lambda m, t: {}, params=params, input=source, splits=splits, runtime=CPU,
+            track=StageTracker(), output=tmp_path / "sparsify.pt",
         )
 
     interrupt = True
@@ -155,3 +157,4 @@ def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
     weights = torch.cat([w.detach().flatten() for w in prunable_weights(model).values()])
     assert (weights == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
     assert not (tmp_path / "sparsify.steps.resume.pt").exists()
+    assert (tmp_path / "sparsify.pt").is_file()  # the final checkpoint is written before the progress goes
