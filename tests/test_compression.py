@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import pytest
 
-from micronet.checkpoint import atomic_save, build_from_checkpoint, load_model, make_checkpoint, safe_load
+from micronet.checkpoint import atomic_save, load_model, make_checkpoint, safe_load
 from micronet.compression.quantize import power_of_two_exponent, quantize_model, quantize_tensor
 from micronet.compression.sparsity import (
     apply_masks, global_magnitude_masks, prunable_weights, sparsity_report, step_rates,

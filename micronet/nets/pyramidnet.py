@@ -98,7 +98,7 @@ class PyramidNet(nn.Module):
 
         in_channels, width_float, index = stem_channels, float(stem_channels), 0
         stages = []
-        for stage, stride in enumerate((1, 2, 2)):
+        for stride in (1, 2, 2):
             blocks = []
             for b in range(blocks_per_stage):
                 width_float += add_rate
