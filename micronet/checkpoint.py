@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from micronet.compression.quantize import apply_quantization_spec, quantization_spec
 from micronet.errors import MicronetError
 from micronet.nets import create_model
 
@@ -100,8 +101,6 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.
 
 def make_checkpoint(model: nn.Module, arch: str, args: dict, **extra: Any) -> dict[str, Any]:
     """Everything needed to rebuild `model`: its builder, the channel plan and the weights (on CPU)."""
-    from micronet.compression.quantize import quantization_spec  # local: quantize imports this module
-
     return {
         "format": FORMAT,
         "arch": arch,
@@ -114,8 +113,6 @@ def make_checkpoint(model: nn.Module, arch: str, args: dict, **extra: Any) -> di
 
 
 def build_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> nn.Module:
-    from micronet.compression.quantize import apply_quantization_spec
-
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MicronetError(f"{path}: not a {FORMAT} file")
     model = create_model(ckpt["arch"], **ckpt["args"])
