@@ -1,7 +1,6 @@
-"""CIFAR-100 datasets, the seeded train/validation split, Wave's transforms, and a synthetic stand-in
-written in CIFAR-100's own on-disk format so every pipeline runs without the real data.
-
-No DataLoaders here: the training module builds those (it knows the batch sizes and distribution)."""
+"""CIFAR-100: torchvision's loader (real or synthetic files), the seeded train/validation split, Wave's
+transforms, and a synthetic stand-in written in CIFAR-100's own on-disk format so every pipeline runs
+without the real data."""
 
 from __future__ import annotations
 
@@ -9,13 +8,12 @@ import copy
 import hashlib
 import json
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.vision import StandardTransform
@@ -24,16 +22,13 @@ from micronet.augment import Cutout, FastAutoAugment, load_policy
 from micronet.config import AugmentConfig, DataConfig
 from micronet.errors import MicronetError
 from micronet.paths import untracked_input
+from micronet.data.splits import Splits, split_indices
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
 BASE_FOLDER = CIFAR100.base_folder  # "cifar-100-python"
 SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written by write_synthetic_cifar100
-
-
-def num_classes(cfg: DataConfig) -> int:
-    return NUM_CLASSES
 
 
 # --- transforms ----------------------------------------------------------------------------------------
@@ -107,7 +102,7 @@ def _not_usable(root: Path) -> MicronetError:
     )
 
 
-def ensure_dataset(cfg: DataConfig) -> None:
+def ensure_cifar100(cfg: DataConfig) -> None:
     """Before a stage starts its worker processes: download once (data.download) or fail fast in one line,
     rather than in every rank."""
     root = untracked_input(cfg.root)
@@ -118,22 +113,6 @@ def ensure_dataset(cfg: DataConfig) -> None:
         raise _not_usable(root)
 
 
-@dataclass
-class Splits:
-    train: Subset  # training images, train transform (augmented)
-    val: Optional[Subset]  # held out of the training file, eval transform; None when data.val_size is 0
-    test: Dataset  # the test file, eval transform
-    train_eval: Subset  # the training images with the eval transform: calibration or scoring without val
-
-
-def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """(train, val) indices of the training file: a seeded permutation's first val_size go to val."""
-    if val_size >= n:
-        raise MicronetError(f"data.val_size ({val_size}) must be smaller than the training set ({n} images)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[val_size:]), sorted(perm[:val_size])
-
-
 def _with_transform(ds: CIFAR100, transform: Callable) -> CIFAR100:
     """A second view of the same images (the arrays are shared, not copied) with another transform."""
     view = copy.copy(ds)
@@ -142,7 +121,7 @@ def _with_transform(ds: CIFAR100, transform: Callable) -> CIFAR100:
     return view
 
 
-def build_splits(cfg: DataConfig) -> Splits:
+def cifar100_splits(cfg: DataConfig) -> Splits:
     """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
     train_tf, eval_tf = build_transform(cfg.augment, train=True), build_transform(cfg.augment, train=False)
     full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=train_tf)

@@ -1,0 +1,42 @@
+"""Datasets: one module per dataset (torchvision formats, real or synthetic), one `build_splits` for all.
+
+No DataLoaders here: the training module builds those (it knows the batch sizes and distribution)."""
+
+from __future__ import annotations
+
+from micronet.config import DataConfig
+from micronet.data.cifar import (
+    BASE_FOLDER,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    NUM_CLASSES,
+    SyntheticCIFAR100,
+    build_transform,
+    cifar100_splits,
+    ensure_cifar100,
+    load_cifar100,
+    synthetic_manifest,
+    write_synthetic_cifar100,
+)
+from micronet.data.splits import Splits, split_indices
+
+__all__ = [
+    "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "NUM_CLASSES", "Splits", "SyntheticCIFAR100", "build_splits",
+    "build_transform", "ensure_dataset", "load_cifar100", "num_classes", "split_indices", "synthetic_manifest",
+    "write_synthetic_cifar100",
+]
+
+
+def num_classes(cfg: DataConfig) -> int:
+    return NUM_CLASSES
+
+
+def ensure_dataset(cfg: DataConfig) -> None:
+    """Before a stage starts its worker processes: download once (data.download) or fail fast in one line,
+    rather than in every rank."""
+    ensure_cifar100(cfg)
+
+
+def build_splits(cfg: DataConfig) -> Splits:
+    """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
+    return cifar100_splits(cfg)

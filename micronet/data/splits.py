@@ -1,0 +1,27 @@
+"""The splits every dataset provides, and the seeded hold-out of a validation set from the training file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from micronet.errors import MicronetError
+
+
+@dataclass
+class Splits:
+    train: Subset  # training images, train transform (augmented)
+    val: Optional[Subset]  # held out of the training file, eval transform; None when data.val_size is 0
+    test: Dataset  # the test file, eval transform
+    train_eval: Subset  # the training images with the eval transform: calibration or scoring without val
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices of the training file: a seeded permutation's first val_size go to val."""
+    if val_size >= n:
+        raise MicronetError(f"data.val_size ({val_size}) must be smaller than the training set ({n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[val_size:]), sorted(perm[:val_size])
