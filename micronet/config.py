@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from micronet.errors import MicronetError
 
@@ -16,18 +17,37 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ResizedCropConfig(Section):
+    """torchvision's RandomResizedCrop: a random area fraction and aspect ratio, resized to the image size."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
 class AugmentConfig(Section):
-    """Training-time augmentation, applied in Wave's order: FAA (PIL) -> crop -> flip -> normalize -> cutout."""
+    """Training-time augmentation of one copy of the training set, in this order: Fast AutoAugment (PIL) ->
+    colour jitter -> random-resized crop or padded crop -> flip -> affine (rotate, zoom, warp) -> tensor ->
+    normalize -> cutout. Wave's order is FAA -> crop -> flip -> normalize -> cutout."""
 
     autoaugment: Optional[str] = Field(None, description="Fast AutoAugment policy name, or null for none")
-    crop_padding: int = Field(4, ge=0, le=16)
+    crop_padding: int = Field(4, ge=0, le=64, description="padded random crop back to the image size; 0 = off")
+    crop_fill: int = Field(0, ge=0, le=255, description="constant fill of the padded border (KAIST: 128)")
+    crop_padding_mode: Literal["constant", "reflect"] = "constant"
+    random_resized_crop: Optional[ResizedCropConfig] = Field(None, description="replaces the padded crop")
     hflip: bool = True
+    rotate: float = Field(0.0, ge=0, le=180, description="max rotation in degrees (fastai: 10)")
+    zoom: float = Field(1.0, ge=1.0, le=4.0, description="max zoom factor (fastai: 1.1)")
+    warp: float = Field(0.0, ge=0, lt=1, description="perspective warp magnitude (fastai: 0.2)")
+    p_affine: float = Field(0.75, ge=0, le=1, description="probability of each of rotate, zoom, warp")
+    brightness: float = Field(0.0, ge=0, le=1, description="colour-jitter brightness strength")
+    contrast: float = Field(0.0, ge=0, le=1, description="colour-jitter contrast strength")
+    p_lighting: float = Field(1.0, ge=0, le=1, description="probability of the colour jitter (fastai: 0.75)")
     normalize: bool = True
-    cutout: int = Field(0, ge=0, le=32, description="side of the zeroed square after normalization; 0 = off")
+    cutout: int = Field(0, ge=0, le=256, description="side of the zeroed square after normalization; 0 = off")
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar100"] = "cifar100"
+    dataset: Literal["cifar100", "imagenet"] = "cifar100"
     root: str = "data/cifar100"
     download: bool = False
     val_size: int = Field(5000, ge=0)
@@ -35,7 +55,25 @@ class DataConfig(Section):
     batch_size: int = Field(128, ge=1, description="global batch size, split across processes")
     eval_batch_size: int = Field(256, ge=1)
     workers: int = Field(4, ge=0)
+    loader: Literal["workers", "gpu"] = Field(
+        "workers", description="workers: DataLoader processes (PIL); gpu: uint8 data on the GPU, batched augmentation"
+    )
     augment: AugmentConfig = AugmentConfig()
+    copies: list[AugmentConfig] = Field(
+        default_factory=list,
+        description="the training set repeated once per entry, each copy with its own augmentation "
+        "(KAIST: 4 FAA policies, UCI: 3 lists); an epoch is one pass over all copies. Empty: one copy, `augment`",
+    )
+    mean: Optional[tuple[float, float, float]] = Field(None, description="normalization; null = the dataset's")
+    std: Optional[tuple[float, float, float]] = Field(None, description="normalization; null = the dataset's")
+    image_size: Optional[int] = Field(None, ge=8, description="training crop / evaluation size; null = dataset's")
+    eval_resize: Optional[int] = Field(None, ge=8, description="imagenet: resize before the centre crop")
+
+    @model_validator(mode="after")
+    def _gpu_loader_is_for_cifar(self) -> "DataConfig":
+        if self.loader == "gpu" and self.dataset != "cifar100":
+            raise ValueError("data.loader gpu keeps CIFAR-size data on the device; use workers for imagenet")
+        return self
 
 
 class ModelConfig(Section):
@@ -56,33 +94,101 @@ class ModelConfig(Section):
 
 
 class ScheduleConfig(Section):
-    """Learning-rate multiplier per epoch (set once per epoch, like the submissions' schedulers)."""
+    """Learning-rate multiplier of `lr`. Per epoch (as the submissions' schedulers) except one-cycle, which
+    moves every step as torch's OneCycleLR does."""
 
-    kind: Literal["constant", "step", "cosine", "pyramid"] = "constant"
+    kind: Literal["constant", "step", "cosine", "pyramid", "sgdr", "onecycle", "table"] = "constant"
     milestones: list[float] = Field(default_factory=list, description="step: fractions of the epochs")
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, description="linear warmup (e+1)/W before the schedule")
+    eta_min: float = Field(0.0, ge=0, description="cosine/sgdr: the floor, an absolute learning rate")
+    rounds: int = Field(1, ge=1, description="sgdr: cosine rounds, each with a fresh optimizer (KAIST: 4)")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="onecycle: share of steps rising to lr")
+    div_factor: float = Field(25.0, gt=1, description="onecycle: starts at lr / div_factor")
+    final_div_factor: float = Field(1e4, gt=1, description="onecycle: ends at lr / div_factor / final_div_factor")
+    momentum_range: Optional[tuple[float, float]] = Field(
+        (0.85, 0.95), description="onecycle: momentum (or Adam beta1) cycles high-low-high; null = fixed"
+    )
+    table: dict[int, float] = Field(
+        default_factory=dict, description="table: first epoch (1-based) -> multiplier, held until the next entry"
+    )
+
+    @model_validator(mode="after")
+    def _table_starts_at_one(self) -> "ScheduleConfig":
+        if self.kind == "table" and 1 not in self.table:
+            raise ValueError("schedule.table must give the multiplier of epoch 1 (e.g. {1: 1.0, 26: 0.1})")
+        return self
+
+
+class LossConfig(Section):
+    """Cross-entropy against a target distribution: the labels (optionally smoothed, uniformly or by class
+    similarity), mixed like the images, or a teacher's softmax; on `logit_scale` * (logits - margin)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    similarity_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="KAIST weighted label smoothing: epsilon spread by classifier-row similarity"
+    )
+    logit_scale: float = Field(1.0, gt=0, description="s: the angle loss scales cos(theta) by 5 (UCI)")
+    margin: float = Field(0.0, ge=0, lt=1, description="m subtracted from the target logit before scaling")
+    teacher_mode: Literal["eval", "train"] = Field(
+        "eval", description="train: the teacher runs with batch statistics, as UCI's code did"
+    )
+
+
+class MixingConfig(Section):
+    """Per-batch mixing of images and targets (timm's Mixup): mixup, or CutMix with lambda from the box area."""
+
+    kind: Literal["none", "mixup", "cutmix"] = "none"
+    alpha: float = Field(1.0, gt=0, description="lambda ~ Beta(alpha, alpha)")
+    per_sample: bool = Field(False, description="one lambda per image (fastai's mixup), not per batch")
+    prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
 
 
 class OptimConfig(Section):
-    """One fine-tuning/training recipe: SGD (Nesterov optional), schedule, clipping, label smoothing."""
+    """One training/fine-tuning recipe: optimizer, schedule, loss, mixing, regularizer, precision. Every stage
+    that trains calls the one loop with one of these."""
 
     epochs: int = Field(1, ge=0)
     lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw betas")
+    weight_decay: float = Field(5e-4, ge=0, description="sgd: L2 in the gradient; adamw: decoupled (lr * wd)")
+    decay_norm_and_bias: bool = Field(True, description="false: no weight decay on BatchNorm parameters and biases")
     schedule: ScheduleConfig = ScheduleConfig()
     grad_clip: Optional[float] = Field(None, gt=0, description="max global grad norm; null = off")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: LossConfig = LossConfig()
+    mixing: MixingConfig = MixingConfig()
+    srip: float = Field(0.0, ge=0, description="SRIP coefficient on 1x1 convolutions (KAIST: 0.7); 0 = off")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: Optional[bool] = Field(None, description="null: on for CUDA, off on CPU")
+    compile: bool = Field(False, description="torch.compile the model for this stage (after pruning: per stage)")
     batch_size: Optional[int] = Field(None, ge=1, description="global batch; null = data.batch_size")
-    augment: Optional[AugmentConfig] = Field(None, description="null = data.augment")
+    augment: Optional[AugmentConfig] = Field(None, description="null = data.augment / data.copies")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs; null = full epoch")
+
+    @model_validator(mode="after")
+    def _rounds_divide_epochs(self) -> "OptimConfig":
+        rounds = self.schedule.rounds
+        if self.schedule.kind == "sgdr" and self.epochs % rounds:
+            raise ValueError(f"schedule.rounds ({rounds}) must divide epochs ({self.epochs})")
+        return self
+
+
+class DnwConfig(Section):
+    """Discovering Neural Wirings: each layer keeps its top `density` of |w| in every forward; the gradient
+    reaches every weight (straight through), so dormant weights can come back."""
+
+    density: float = Field(0.1, gt=0, le=1)
+    exclude: list[str] = Field(default_factory=list, description="layers kept dense, e.g. conv1")
 
 
 class TrainConfig(OptimConfig):
     enabled: bool = True
     seed: int = 0
+    model: Optional[ModelConfig] = Field(None, description="the architecture this section trains; null = `model`")
+    dnw: Optional[DnwConfig] = Field(None, description="sparse training with DNW; null = dense")
     checkpoint: Optional[str] = Field(
         None, description="micronet checkpoint to start from; with enabled: false it is passed on as is"
     )
@@ -110,6 +216,11 @@ class SparsifyConfig(Section):
     enabled: bool = True
     rate: float = Field(0.5, ge=0, lt=1, description="fraction of prunable conv/linear weights set to zero")
     steps: int = Field(1, ge=1)
+    schedule: Literal["geometric", "linear"] = Field(
+        "geometric", description="geometric: each step removes the same share of what remains (Wave); "
+        "linear: rates rise linearly from min_rate to rate (KAIST)"
+    )
+    min_rate: float = Field(0.0, ge=0, lt=1, description="linear: the rate the steps start from")
     exclude: list[str] = Field(default_factory=list, description="module names kept dense, e.g. conv1")
     finetune: OptimConfig = OptimConfig()
 
@@ -124,6 +235,10 @@ class QuantizeConfig(Section):
     activation_sigmas: float = Field(18.0, gt=0, description="sigmamax: |mean| + k*std bounds activations")
     calibration_batches: int = Field(20, ge=1)
     momentum: float = Field(0.01, gt=0, le=1, description="EMA factor of calibration statistics")
+    activation_points: Literal["every_op", "layers"] = Field(
+        "every_op", description="every_op: the input, every leaf module and every residual sum (Wave); "
+        "layers: conv, linear, BatchNorm and pool outputs only"
+    )
 
 
 class ScoreConfig(Section):
@@ -148,14 +263,20 @@ class SynthConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = "micronet"
+    pipeline: str = Field("", description="the submission this pipeline reproduces (wave, kaist, fastai-wrn, uci, "
+                          "dnw): the report compares it with that team's published figures")
     enabled: bool = True
+
+
+# Pipelines with several training stages (UCI's teacher chain) give each its own top-level section.
+TRAINING_SECTION = re.compile(r"(train|refine)_[a-z0-9_]+")
 
 
 class Params(Section):
     """The whole params.yaml: validated at once, so a typo in `quantize` fails before training starts."""
 
     data: DataConfig = DataConfig()
-    model: ModelConfig
+    model: Optional[ModelConfig] = None
     train: TrainConfig = TrainConfig()
     prune: PruneConfig = PruneConfig()
     sparsify: SparsifyConfig = SparsifyConfig()
@@ -164,10 +285,30 @@ class Params(Section):
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     synth: Optional[SynthConfig] = None
+    _sections: dict[str, TrainConfig] = PrivateAttr(default_factory=dict)
+
+    def training(self, section: str = "train") -> TrainConfig:
+        """The training section a stage runs: `train`, or an extra one such as `train_b0`."""
+        if section == "train":
+            return self.train
+        if section not in self._sections:
+            known = ", ".join(["train", *self._sections])
+            raise MicronetError(f"params have no training section {section!r}; they have {known}")
+        return self._sections[section]
+
+    def model_for(self, section: str = "train") -> ModelConfig:
+        model = self.training(section).model or self.model
+        if model is None:
+            raise MicronetError(f"neither `{section}.model` nor `model` names the architecture to train")
+        return model
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every section, the extra training sections included (what the tracker logs)."""
+        return {**self.model_dump(), **{k: v.model_dump() for k, v in self._sections.items()}}
 
 
-def _describe(error: dict, raw: Any) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+def _describe(error: dict, prefix: str = "") -> str:
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in error["loc"]])
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"unknown key '{key}' (remove it or fix its spelling)"
@@ -188,8 +329,20 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise MicronetError(f"{path}: expected a mapping of sections at top level")
+    extra = {k: raw.pop(k) for k in list(raw) if isinstance(k, str) and TRAINING_SECTION.fullmatch(k)}
+    problems: list[str] = []
+    params: Optional[Params] = None
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e, raw) for e in exc.errors())
-        raise MicronetError(f"{path}: {problems}") from None
+        problems += [_describe(e) for e in exc.errors()]
+    sections: dict[str, TrainConfig] = {}
+    for key, value in extra.items():
+        try:
+            sections[key] = TrainConfig.model_validate(value if value is not None else {})
+        except ValidationError as exc:
+            problems += [_describe(e, key) for e in exc.errors()]
+    if problems:
+        raise MicronetError(f"{path}: {'; '.join(problems)}")
+    params._sections = sections
+    return params

@@ -262,7 +262,7 @@ def fit(
                 break
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
             logits = train_model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.loss.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for name, mask in masks.items():
