@@ -1,0 +1,192 @@
+"""Importing KAIST's released checkpoints: files are built here in their key layout (MicroNet_Prune's
+state_dict with a `.mask` beside every >=2-D weight, or micronet_main.py's `net4` dict), never shipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import typer
+from typer.testing import CliRunner
+
+from micronet.checkpoint import build_from_checkpoint, load_model
+from micronet.compression.sparsity import global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report
+from micronet.errors import MicronetError
+from micronet.importers import import_kaist
+from micronet.nets import create_model
+from stages.import_checkpoint import import_command
+
+
+@pytest.fixture(autouse=True)
+def one_thread_seeded():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pruned_micronet(arch: str = "kaist_micronet_v1", rate: float = 0.6) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A model as KAIST's pruning leaves it: global magnitude masks applied, BN statistics non-trivial."""
+    model = create_model(arch)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+        masks = global_magnitude_masks(prunable_weights(model), rate)
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return model.eval(), masks
+
+
+def kaist_layout(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MicroNet_Prune's state_dict order: each masked layer's `mask` buffer after its parameters."""
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, value in own.items():
+        state[key] = value.clone()
+        layer = key.rsplit(".", 1)[0]
+        last = f"{layer}.bias" if f"{layer}.bias" in own else f"{layer}.weight"
+        if f"{layer}.weight" in masks and key == last:
+            state[f"{layer}.mask"] = masks[f"{layer}.weight"].clone()
+    return state
+
+
+def save(obj, path: Path) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_round_trip_pruned_file(tmp_path):
+    model, masks = pruned_micronet()
+    state = kaist_layout(model, masks)
+    assert sum(k.endswith(".mask") for k in state) == 86  # stem, 5 per block, 4 shortcuts, linear
+    ckpt = import_kaist(save(state, tmp_path / "micronet_v1_pr_60.t7"), "kaist_micronet_v1")
+    assert ckpt["stage"] == "import" and ckpt["arch"] == "kaist_micronet_v1" and ckpt["args"] == {"num_classes": 100}
+    assert ckpt["source"]["masks_folded"] == 86 and ckpt["source"]["weights_zeroed_by_masks"] == 0
+    assert ckpt["source"]["entry"] is None and len(ckpt["source"]["sha256"]) == 64
+    assert not any(k.endswith(".mask") for k in ckpt["state_dict"])
+    imported = build_from_checkpoint(ckpt).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(imported(x), model(x))
+    assert overall_sparsity(sparsity_report(imported)) == pytest.approx(0.6, abs=1e-5)
+
+
+def test_training_file_uses_net4_and_strips_module_prefix(tmp_path):
+    model, masks = pruned_micronet("kaist_micronet_v2", rate=0.3)
+    other, _ = pruned_micronet("kaist_micronet_v2", rate=0.0)
+    final = {f"module.{k}": v for k, v in kaist_layout(model, masks).items()}
+    training_file = {"net_init": other.state_dict(), "net1": other.state_dict(), "net4": final,
+                     "train_losses": [2.1, 1.7], "flops_params": (1.0, 2.0, 3.0)}
+    ckpt = import_kaist(save(training_file, tmp_path / "micronet_v2.t7"), "kaist_micronet_v2")
+    assert ckpt["source"]["entry"] == "net4"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(build_from_checkpoint(ckpt).eval()(x), model(x))
+
+
+def test_mask_is_folded_into_its_weight(tmp_path):
+    model, masks = pruned_micronet()
+    state = kaist_layout(model, masks)
+    # a weight the optimizer moved after masking: their forward multiplies by the mask, so it is zero
+    zero_at = (state["layers.4.conv1.mask"] == 0).nonzero()[0].tolist()
+    state["layers.4.conv1.weight"][tuple(zero_at)] = 0.5
+    ckpt = import_kaist(save(state, tmp_path / "k.t7"), "kaist_micronet_v1")
+    assert ckpt["source"]["weights_zeroed_by_masks"] == 1
+    assert ckpt["state_dict"]["layers.4.conv1.weight"][tuple(zero_at)] == 0
+
+
+@pytest.fixture
+def kaist_state() -> dict[str, torch.Tensor]:
+    model, masks = pruned_micronet()
+    return kaist_layout(model, masks)
+
+
+def test_missing_key(tmp_path, kaist_state):
+    del kaist_state["layers.3.bn2.running_var"]
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save(kaist_state, tmp_path / "k.t7"), "kaist_micronet_v1")
+    msg = one_line_error(e)
+    assert "'layers.3.bn2.running_var' is missing" in msg and "(96,)" in msg and "k.t7" in msg
+
+
+def test_extra_key(tmp_path, kaist_state):
+    kaist_state["layers.2.shortcut.0.weight"] = torch.zeros(32, 16, 1, 1)  # stride-2 blocks have none
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save(kaist_state, tmp_path / "k.t7"), "kaist_micronet_v1")
+    msg = one_line_error(e)
+    assert "'layers.2.shortcut.0.weight' (shape (32, 16, 1, 1)) has no place in kaist_micronet_v1" in msg
+
+
+def test_wrong_shape(tmp_path, kaist_state):
+    kaist_state["layers.0.conv3.weight"] = torch.zeros(16, 80, 1, 1)
+    kaist_state["layers.0.conv3.mask"] = torch.ones(16, 80, 1, 1)
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save(kaist_state, tmp_path / "k.t7"), "kaist_micronet_v1")
+    msg = one_line_error(e)
+    assert "'layers.0.conv3.weight' has shape (16, 80, 1, 1) but kaist_micronet_v1 needs (16, 96, 1, 1)" in msg
+
+
+def test_other_version_names_first_mismatch(tmp_path, kaist_state):
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save(kaist_state, tmp_path / "k.t7"), "kaist_micronet_v2")
+    msg = one_line_error(e)
+    assert "'layers.0.conv1.weight' has shape (96, 32, 1, 1) but kaist_micronet_v2 needs (80, 32, 1, 1)" in msg
+    assert "more problems" in msg
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (lambda s: s.__setitem__("linear.mask", torch.full((100, 106), 0.5)), "values other than 0 and 1"),
+    (lambda s: s.__setitem__("linear.mask", torch.ones(100, 10)), "'linear.mask' has shape (100, 10)"),
+    (lambda s: s.__setitem__("layers.1.fc9.mask", torch.ones(4, 16, 1, 1)), "no weight 'layers.1.fc9.weight'"),
+])
+def test_bad_masks(tmp_path, kaist_state, bad, expected):
+    bad(kaist_state)
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save(kaist_state, tmp_path / "k.t7"), "kaist_micronet_v1")
+    assert expected in one_line_error(e)
+
+
+def test_not_a_kaist_file(tmp_path):
+    with pytest.raises(MicronetError) as e:
+        import_kaist(save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "k.t7"), "kaist_micronet_v1")
+    assert "top-level keys: epoch, optimizer" in one_line_error(e)
+    with pytest.raises(MicronetError) as e:
+        import_kaist(tmp_path / "k.t7", "pyramidnet272")
+    assert "kaist_micronet_v1, kaist_micronet_v2" in one_line_error(e)
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(import_command)
+    return app
+
+
+def test_import_command_writes_checkpoint(tmp_path, kaist_state):
+    src, out = save(kaist_state, tmp_path / "micronet_v1_pr_60.t7"), tmp_path / "models" / "import.pt"
+    result = CliRunner().invoke(cli(), ["kaist", str(src), "--arch", "kaist_micronet_v1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "86 masks" in result.output and "sparsity 60.00%" in result.output
+    model, ckpt = load_model(out)
+    assert ckpt["source"]["file"] == "micronet_v1_pr_60.t7"
+    assert [p.name for p in out.parent.iterdir()] == ["import.pt"]  # no temporary file left behind
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, kaist_state[key])
+
+    result = CliRunner().invoke(cli(), ["wave", str(src), "--arch", "kaist_micronet_v1", "--output", str(out)])
+    assert isinstance(result.exception, MicronetError) and "known: kaist" in str(result.exception)
