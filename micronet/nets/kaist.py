@@ -4,6 +4,9 @@ inverted residuals with squeeze-and-excitation and h-swish, as their `Models/Mic
 Module names are theirs (`conv1`, `bn1`, `layers.{i}.{conv1,bn1,conv2,bn2,conv3,bn3,shortcut.{0,1},fc1,fc2}`,
 `linear`), so their state_dicts map key for key (micronet.importers.import_kaist).
 
+Their HSwish module computes x * relu6(x + 3) / 6; nn.Hardswish is the same function (equal up to float
+rounding) and the counter sees it as one `hardswish` op at their cost, 4 mults + 1 add per element.
+
 Two things in their code a reader would not expect, both kept:
 - the expansion multiplies the block's *input* width: planes = int(expansion * in_planes);
 - stride-2 blocks have no shortcut and no SE: their forward computes the SE gate and then discards it
