@@ -17,6 +17,12 @@ Conventions this module fixes (the rules leave them open):
   width; an activation quantizer (a module with an int `activation_bits`) sets it and costs one shift
   per element. Each quantized tensor (weight or bias of a `weight_bits` module, each quantizer) stores
   one 8-bit exponent.
+- A transcendental (the square root of a norm) is one op, counted as a multiply, as the reference
+  counter counts ReLU, so it takes the freebie and the multiply bit width.
+- A 2-norm of R elements costs R mults (squares) + 1 mult (sqrt) and R - 1 adds per norm;
+  F.normalize is that norm, one comparison per norm (clamp_min eps) and one division per element.
+- Division by an activation is one mult per element when the divisor is broadcast (one value per
+  vector or channel, as in a normalization); a quotient of two full activations is refused.
 """
 
 from __future__ import annotations
@@ -230,6 +236,7 @@ _DROPOUT = _names("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropo
 _FACTORY = _names("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like",
                   "empty_like", "full_like", "rand_like", "randn_like", "randint_like")
 _SOFTMAX = _names("softmax", "log_softmax")
+_NORM = _names("norm", "linalg_vector_norm")
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
@@ -341,6 +348,10 @@ class _Tracer(TorchFunctionMode):
             return self._mean
         if name in _SOFTMAX:
             return self._softmax
+        if name in _NORM:
+            return self._vector_norm
+        if name == "normalize":
+            return self._normalize
         return None
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -471,11 +482,18 @@ class _Tracer(TorchFunctionMode):
     def _arith(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, dyn: list) -> None:
         inputs = _tensors((args, kwargs))
         n = out.numel()
-        if name in _DIV and args[1] is not None and isinstance(args[1], torch.Tensor) and args[1] in self.info:
-            raise MicronetError(f"counter does not know op {name} by an activation tensor (only by constants)")
+        divisor = _arg(args, kwargs, 1, "other")
+        by_activation = name in _DIV and isinstance(divisor, torch.Tensor) and divisor in self.info
+        if by_activation and _distinct(divisor) >= n:
+            raise MicronetError(
+                f"counter does not know op {name} by an activation with one value per element "
+                "(only by constants, or by a broadcast divisor such as a norm)"
+            )
         if name in _ADD:
             alpha = kwargs.get("alpha", 1)
             kind, mults, adds = "add", (n if alpha != 1 else 0), n
+        elif by_activation:
+            kind, mults, adds = "div", n, 0
         else:
             kind, mults, adds = "scale", n, 0
         mult_bits, add_bits = self._op_bits(inputs)
@@ -550,6 +568,40 @@ class _Tracer(TorchFunctionMode):
         mult_bits, add_bits = self._op_bits([x])
         self._add_row(_Row(self._row_name(kind), kind, tuple(x.shape), tuple(out.shape), float(n),
                            float((reduce - 1) * n), mult_bits, add_bits), out)
+
+    def _vector_norm(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, dyn: list) -> None:
+        """2-norm: per norm of R elements, R squares + 1 sqrt (mults) and R - 1 adds."""
+        x = args[0]
+        p = _arg(args, kwargs, 1, "ord" if name == "linalg_vector_norm" else "p", 2)
+        if p not in (2, "fro", None):
+            raise MicronetError(f"counter does not know op {name} with p={p!r} (only the 2-norm)")
+        norms = out.numel()
+        reduce = x.numel() // norms
+        mult_bits, add_bits = self._op_bits([x])
+        self._add_row(_Row(self._row_name("norm"), "norm", tuple(x.shape), tuple(out.shape),
+                           float((reduce + 1) * norms), float((reduce - 1) * norms), mult_bits, add_bits), out)
+
+    def _normalize(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, dyn: list) -> None:
+        """F.normalize as the rows of its own code: x / norm(x).clamp_min(eps), the divisor broadcast."""
+        x = args[0]
+        p, dim = _arg(args, kwargs, 1, "p", 2.0), _arg(args, kwargs, 2, "dim", 1)
+        if p != 2:
+            raise MicronetError(f"counter does not know op normalize with p={p!r} (only the 2-norm)")
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        reduce = math.prod(x.shape[d] for d in dims)
+        norms = x.numel() // reduce
+        norm_shape = tuple(1 if i in {d % x.dim() for d in dims} else s for i, s in enumerate(x.shape))
+        # the norm is an accumulator: the clamp and the division read a 32-bit value
+        mult_bits, add_bits = self._op_bits([x])
+        wide_mult, wide_add = (32.0, 32.0) if self.quantized else (self.mult_default, 32.0)
+        rows = [
+            ("norm", tuple(x.shape), norm_shape, (reduce + 1) * norms, (reduce - 1) * norms, mult_bits, add_bits),
+            ("clamp", norm_shape, norm_shape, norms, 0, wide_mult, wide_add),
+            ("div", tuple(x.shape), tuple(out.shape), out.numel(), 0, wide_mult, wide_add),
+        ]
+        for i, (kind, in_shape, out_shape, mults, adds, mb, ab) in enumerate(rows):
+            row = _Row(self._row_name(kind), kind, in_shape, out_shape, float(mults), float(adds), mb, ab)
+            self._add_row(row, out if i == len(rows) - 1 else None)
 
     def _softmax(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor, dyn: list) -> None:
         """Free only on the final logits (checked after the pass)."""
@@ -649,6 +701,11 @@ class _Tracer(TorchFunctionMode):
             if src.module is not None and calls[id(src.module)] == 1 and calls[id(r.module)] == 1:
                 pairs.append((src.module_name, r.module_name))
         return pairs
+
+
+def _distinct(t: torch.Tensor) -> int:
+    """Values a tensor really holds: a broadcast (expanded, stride-0) dimension repeats one value."""
+    return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:

@@ -30,8 +30,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 # Importing the families registers their builders.
-from micronet.nets import pyramidnet  # noqa: E402,F401
-from micronet.nets import fastai_wrn, kaist  # noqa: E402,F401
+from micronet.nets import efficientnet, fastai_wrn, kaist, pyramidnet  # noqa: E402,F401
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
