@@ -31,6 +31,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 # Importing the families registers their builders.
 from micronet.nets import pyramidnet  # noqa: E402,F401
+from micronet.nets import resnet_dnw  # noqa: E402,F401
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
