@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 
@@ -186,6 +185,11 @@ def test_resnet50_dnw_is_torchvisions_v1_5_with_a_bias_free_1x1_conv_classifier(
     bns = [m for m in resnet.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
     assert create_model("resnet50_dnw", num_classes=10).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # DNW's profiler: int(p * numel) per conv with p = 1 - 0.9 (0.09999999999999998), the stem dense;
+    # its README reports 2,558,732 for the submission's model
+    convs = {n: m for n, m in resnet.named_modules() if isinstance(m, nn.Conv2d)}
+    assert len(convs) == 54
+    assert sum(int((1 - (0.0 if n == "conv1" else 0.9)) * m.weight.numel()) for n, m in convs.items()) == 2_558_732
 
 
 def test_resnet50_dnw_at_10_percent_counts_sparse_layers_with_masks():
@@ -196,6 +200,8 @@ def test_resnet50_dnw_at_10_percent_counts_sparse_layers_with_masks():
     report = density_report(model)
     assert report["conv1"]["density"] == 1.0
     assert all(report[n]["nonzero"] == kept_count(report[n]["numel"], 0.1) for n in sparse)
+    rebuilt = build_from_checkpoint(make_checkpoint(model, "resnet50_dnw", {"num_classes": 100}))  # plain keys
+    assert density_report(rebuilt) == report
     result = count(model, (3, 32, 32), freebie=True)
     fc = next(l for l in result.layers if l.name == "fc")
     assert fc.kind == "conv" and fc.input_shape == (1, 2048, 1, 1) and fc.output_shape == (1, 100, 1, 1)
