@@ -208,3 +208,14 @@ def test_resnet50_dnw_at_10_percent_counts_sparse_layers_with_masks():
     assert fc.sparsity == pytest.approx(0.9)
     assert fc.mults == pytest.approx(20_480)  # 204,800 weights x 1 position x (1 - 0.9)
     assert fc.param_bits == 20_480 * 16 + 204_800  # nonzeros at 16 bits (freebie) + a 1-bit mask each
+
+
+def test_mask_follows_the_logical_weight_in_channels_last():
+    """The training loop may convert the model to channels_last: the top-k must not follow the memory order."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3)
+    apply_dnw(conv, 0.1)
+    expected = conv.weight.detach().clone()
+    conv.to(memory_format=torch.channels_last)
+    assert conv.parametrizations.weight.original.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.weight, expected)
