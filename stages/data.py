@@ -1,4 +1,5 @@
-"""`micronet data synth`: write a synthetic CIFAR-100 (real on-disk format) for runs without the dataset."""
+"""`micronet data synth` / `synth-imagenet`: write a synthetic CIFAR-100 or ImageNet in the real on-disk format,
+for runs without the dataset."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from micronet.data import write_synthetic_cifar100
+from micronet.data import write_synthetic_cifar100, write_synthetic_imagenet
 
 
 def synth_command(
@@ -18,3 +19,17 @@ def synth_command(
     """Write a deterministic synthetic CIFAR-100 that torchvision's CIFAR100 loader reads."""
     folder = write_synthetic_cifar100(out, n_train=train, n_test=test, seed=seed)
     typer.echo(f"wrote synthetic CIFAR-100 to {folder}: {train} train, {test} test images (seed {seed})")
+
+
+def synth_imagenet_command(
+    out: Path = typer.Option(..., "--out", help="folder to write train/ and val/ into (use it as data.root)"),
+    classes: int = typer.Option(10, "--classes", help="number of classes (folders n00000000, n00000001, ...)"),
+    train_per_class: int = typer.Option(100, "--train-per-class", help="training images per class"),
+    val_per_class: int = typer.Option(20, "--val-per-class", help="validation (test) images per class"),
+    size: int = typer.Option(64, "--size", help="shorter image side in pixels"),
+    seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
+) -> None:
+    """Write a deterministic synthetic ImageNet (JPEG files, ImageFolder layout) that torchvision reads."""
+    folder = write_synthetic_imagenet(out, classes, train_per_class, val_per_class, size, seed)
+    typer.echo(f"wrote synthetic ImageNet to {folder}: {classes} classes, {train_per_class} train and "
+               f"{val_per_class} val images per class, shorter side {size} (seed {seed})")

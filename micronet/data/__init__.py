@@ -18,25 +18,44 @@ from micronet.data.cifar import (
     synthetic_manifest,
     write_synthetic_cifar100,
 )
+from micronet.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_imagenet_transform,
+    ensure_imagenet,
+    imagenet_num_classes,
+    imagenet_splits,
+    load_imagenet,
+    synthetic_imagenet_manifest,
+    write_synthetic_imagenet,
+)
 from micronet.data.splits import Splits, split_indices
 
 __all__ = [
-    "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "NUM_CLASSES", "Splits", "SyntheticCIFAR100", "build_splits",
-    "build_transform", "ensure_dataset", "load_cifar100", "num_classes", "split_indices", "synthetic_manifest",
-    "write_synthetic_cifar100",
+    "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Splits",
+    "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_transform", "ensure_dataset",
+    "load_cifar100", "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest",
+    "synthetic_manifest", "write_synthetic_cifar100", "write_synthetic_imagenet",
 ]
 
 
 def num_classes(cfg: DataConfig) -> int:
+    if cfg.dataset == "imagenet":
+        return imagenet_num_classes(cfg)  # the class folders present (1000 for the real data)
     return NUM_CLASSES
 
 
 def ensure_dataset(cfg: DataConfig) -> None:
     """Before a stage starts its worker processes: download once (data.download) or fail fast in one line,
     rather than in every rank."""
+    if cfg.dataset == "imagenet":
+        ensure_imagenet(cfg)
+        return
     ensure_cifar100(cfg)
 
 
 def build_splits(cfg: DataConfig) -> Splits:
     """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
+    if cfg.dataset == "imagenet":
+        return imagenet_splits(cfg)
     return cifar100_splits(cfg)

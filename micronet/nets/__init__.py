@@ -30,7 +30,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 # Importing the families registers their builders.
-from micronet.nets import efficientnet, fastai_wrn, kaist, pyramidnet  # noqa: E402,F401
+from micronet.nets import efficientnet, fastai_wrn, kaist, pyramidnet, resnet_dnw  # noqa: E402,F401
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
