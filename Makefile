@@ -4,15 +4,23 @@ export UV_PYTHON_DOWNLOADS := never
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 PYTHON ?= python3.11
 RUN := $(UV) run --frozen --python $(PYTHON)
+PIPELINE ?= demo
+PIPELINE_DIR := pipelines/$(PIPELINE)
+MLFLOW_PORT ?= 5000
+# The columns `make exp-show` keeps: what a run scored, and the params people change.
+EXP_COLUMNS ?= ^(Experiment|Created|State)$$|(accuracy|val_accuracy|params|flops|score|qualifies|rate|sparsity)$$
 
-.PHONY: help install demo test test-fast bench mlflow-ui clean-demo
+.PHONY: help install demo exp-show test test-fast bench report mlflow-ui clean-demo
 
 help:
-	@echo "make install   - uv sync --frozen (installs uv first if missing)"
-	@echo "make demo      - the Wave workflow at toy scale on synthetic data, through dvc repro"
-	@echo "make test      - the whole test suite"
-	@echo "make bench     - benchmarks (bench/)"
-	@echo "make mlflow-ui - MLflow UI on the project's store (127.0.0.1:5000)"
+	@echo "make install                 - uv sync --frozen (installs uv first if missing)"
+	@echo "make demo [PIPELINE=name]    - a pipeline at toy scale on synthetic data through DVC (default: demo = Wave);"
+	@echo "                               names: $$(ls -d pipelines/*/dvc.yaml | cut -d/ -f2 | tr '\n' ' ')"
+	@echo "make exp-show [PIPELINE=...] - the pipeline's DVC experiments, key columns only"
+	@echo "make test                    - the whole test suite"
+	@echo "make bench                   - benchmarks (bench/)"
+	@echo "make report                  - accuracy-vs-score report of every pipeline run in MLflow (reports/)"
+	@echo "make mlflow-ui               - MLflow UI on the project's store"
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --quiet uv
@@ -21,10 +29,15 @@ $(UV):
 install: $(UV)
 	$(UV) sync --frozen --python $(PYTHON)
 
+# A pipeline's toy.yaml (if any) is applied to its params.yaml, then the pipeline runs as a DVC experiment, so it
+# is the baseline later `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
 demo: install
-	cd pipelines/demo && $(RUN) dvc repro
-	@cd pipelines/demo && $(RUN) dvc metrics show $(addprefix metrics/,train.json prune.json sparsify.json quantize.json score.json)
-	@tail -n 8 pipelines/demo/metrics/score_layers.txt
+	@test -f $(PIPELINE_DIR)/dvc.yaml || { echo "no pipeline $(PIPELINE_DIR)/dvc.yaml"; exit 2; }
+	cd $(PIPELINE_DIR) && { test ! -f toy.yaml || $(RUN) micronet params apply toy.yaml; } && $(RUN) dvc exp run
+	@cd $(PIPELINE_DIR) && $(RUN) dvc metrics show && tail -n 8 metrics/score_layers.txt
+
+exp-show: install
+	@cd $(PIPELINE_DIR) && $(RUN) dvc exp show --no-pager --keep '$(EXP_COLUMNS)' --drop '.*' --precision 4
 
 test: install
 	$(RUN) pytest -q
@@ -35,8 +48,13 @@ test-fast: install
 bench: install
 	$(RUN) python bench/bench_count.py
 
+report: install
+	$(RUN) micronet report --output reports
+
 mlflow-ui: install
-	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@echo "MLflow runs view: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root file://$(CURDIR)/mlartifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-demo:
-	rm -rf pipelines/demo/data pipelines/demo/models pipelines/demo/metrics
+	rm -rf $(PIPELINE_DIR)/data $(PIPELINE_DIR)/models $(PIPELINE_DIR)/metrics $(PIPELINE_DIR)/dvc.lock

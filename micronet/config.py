@@ -46,10 +46,25 @@ class AugmentConfig(Section):
     cutout: int = Field(0, ge=0, le=256, description="side of the zeroed square after normalization; 0 = off")
 
 
+class SynthConfig(Section):
+    """A synthetic data set in the real on-disk format, for runs without the real data (toy pipelines, tests).
+    CIFAR-100: `train`/`test` images. ImageNet: `train`/`test` JPEGs per class (test = the val folder) of
+    `classes` classes, `size` pixels square."""
+
+    train: int = Field(2000, ge=1)
+    test: int = Field(500, ge=1)
+    seed: int = 0
+    classes: int = Field(10, ge=2, description="imagenet only")
+    size: int = Field(64, ge=16, description="imagenet only: side of the written JPEGs")
+
+
 class DataConfig(Section):
     dataset: Literal["cifar100", "imagenet"] = "cifar100"
     root: str = "data/cifar100"
     download: bool = False
+    synthetic: Optional[SynthConfig] = Field(
+        None, description="write a synthetic data set of this size at `root` when it holds none (toy runs)"
+    )
     val_size: int = Field(5000, ge=0)
     split_seed: int = 0
     batch_size: int = Field(128, ge=1, description="global batch size, split across processes")
@@ -251,14 +266,6 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads per process; null = default")
-
-
-class SynthConfig(Section):
-    """Size of the synthetic CIFAR-100 the demo pipeline's data stage writes."""
-
-    train: int = Field(2000, ge=100)
-    test: int = Field(500, ge=100)
-    seed: int = 0
 
 
 class TrackingConfig(Section):

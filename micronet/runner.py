@@ -18,19 +18,22 @@ import numpy as np
 import torch
 
 from micronet.checkpoint import atomic_save
-from micronet.config import Params, PruneConfig, SparsifyConfig, load_params
-from micronet.data import ensure_dataset
+from micronet.config import OptimConfig, Params, PruneConfig, SparsifyConfig, load_params
+from micronet.data import Splits, build_splits, ensure_dataset
 from micronet.errors import MicronetError
 
 
-def prepare(params_path: Path) -> Params:
-    """Validate params; if distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very
-    command under `torchrun --nproc-per-node N` and exit with its status."""
+def prepare(params_path: Path, single_process: bool = False) -> Params:
+    """Validate params and make sure the data set is there (download once, write a synthetic one, or fail in one
+    line). If distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very command under
+    `torchrun --nproc-per-node N` and exit with its status (not for `single_process` stages such as score)."""
     params = load_params(params_path)
     n = params.distributed.nproc_per_node
     if "LOCAL_RANK" in os.environ:
         return params
     ensure_dataset(params.data)
+    if single_process:
+        return params
     gpus = torch.cuda.device_count()
     if n > 1 and params.distributed.device != "cpu" and gpus < n:
         raise MicronetError(
@@ -69,6 +72,28 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def training_data(params: Params, recipe: OptimConfig, runtime: Any) -> tuple[Splits, Any]:
+    """The splits for a recipe (its own augmentation if it sets one, else data.augment / data.copies) and what
+    the loop trains on: the training Dataset (DataLoader workers) or the GPU-resident loader (data.loader: gpu)."""
+    data = params.data
+    if recipe.augment is not None:
+        data = data.model_copy(update={"augment": recipe.augment, "copies": []})
+    splits = build_splits(data)
+    return splits, splits.train
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    """metrics/train.json -> metrics/train_layers.json: per-layer detail kept out of the headline metrics."""
+    return path.with_name(f"{path.stem}{suffix}{path.suffix}")
+
+
+def significant(value: Any, digits: int = 6) -> Any:
+    """Floats to `digits` significant digits, so `dvc metrics show` / `dvc exp show` stay narrow."""
+    if isinstance(value, float) and value and not isinstance(value, bool):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -99,12 +124,32 @@ def write_outputs(files: dict[Path, Any]) -> None:
             write_json(path, data)
 
 
-def publish(track: Any, files: dict[Path, Any], metrics: dict[str, Any], parent: bool = False) -> None:
-    """A stage's results: files for DVC, the same files as MLflow artifacts, headline numbers as MLflow metrics."""
+def publish(
+    track: Any, files: dict[Path, Any], metrics: dict[str, Any], parent: bool = False,
+    curves: Optional[tuple[Path, list[dict[str, Any]]]] = None,
+    steps: Optional[tuple[Path, list[dict[str, Any]], str]] = None,
+) -> None:
+    """A stage's results: files for DVC, the same files as MLflow artifacts, headline numbers as MLflow metrics,
+    and pictures of the curves (per-epoch `curves`, per-step `steps`) as PNG artifacts beside the CSVs."""
     write_outputs(files)
-    track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, parent=parent)
+    track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not isinstance(v, str)},
+                      parent=parent)
     for path in files:
         track.log_artifact(path)
+    if track.active and (curves or steps):
+        import tempfile
+
+        from micronet import plots
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if curves and curves[1]:
+                png = Path(tmp) / f"{curves[0].stem}.png"
+                plots.training_curves(curves[1], png)
+                track.log_artifact(png)
+            if steps and steps[1]:
+                png = Path(tmp) / f"{steps[0].stem}.png"
+                plots.compression_steps(steps[1], png, x=steps[2])
+                track.log_artifact(png)
 
 
 def skip_stage(source: Path, target: Path, files: dict[Path, Any]) -> None:
@@ -157,17 +202,21 @@ def compress_in_steps(
     runtime: Any,
     track: Any,
     output: Path,
+    train: Any = None,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """The loop prune and sparsify share: per step, `compress` the model towards that step's rate (it may
     return sparsity masks), fine-tune with the one training loop, `measure` the result; then write the final
-    checkpoint to `output`. Resumes after the last finished step, and within a step after the last epoch."""
+    checkpoint to `output`. Resumes after the last finished step, and within a step after the last epoch.
+    `train` is what the loop trains on (default: splits.train)."""
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
     from micronet.compression.sparsity import step_rates
+    from micronet.data import num_classes
     from micronet.training import clear_resume, fit
 
     finetune = section.finetune
     key = fingerprint(input, params.data.model_dump(), section.model_dump(), params.train.seed)
-    targets = step_rates(section.rate, section.steps)
+    targets = step_rates(section.rate, section.steps, getattr(section, "schedule", "geometric"),
+                         getattr(section, "min_rate", 0.0))
     progress = StepProgress(resume_file(output, ".steps"), key)
     rows: list[dict[str, Any]] = []
     first_step = 0
@@ -183,7 +232,8 @@ def compress_in_steps(
         model.to(runtime.device)
         resume = resume_file(output, f".step{step}")
         result = fit(
-            model, splits.train, splits.val, finetune, runtime, masks=masks,
+            model, train if train is not None else splits.train, splits.val, finetune, runtime, masks=masks,
+            num_classes=num_classes(params.data),
             batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
             seed=params.train.seed + step, resume_path=resume, fingerprint=key,
             desc=f"{stage} {step + 1}/{len(targets)}",

@@ -1,34 +1,54 @@
-"""MLflow tracking: one experiment per pipeline, one parent run per pipeline run (keyed by DVC's experiment
-name when DVC sets one), one nested child run per stage. The store is an absolute SQLite file at the
-repository root, so DVC's queued and temporary experiments (run in copies under .dvc/tmp/exps) share it."""
+"""MLflow tracking: one experiment per pipeline, one parent run per pipeline run (named after DVC's experiment when
+DVC runs one), one nested child run per stage. The store is an absolute SQLite file at the repository root, so DVC's
+queued and temporary experiments (run in copies under .dvc/tmp/exps) share it."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from micronet.config import TrackingConfig
 from micronet.paths import repository_root
 
-PIPELINE_TAG = "micronet.pipeline_run"
+PIPELINE_RUN_TAG = "micronet.pipeline_run"  # the key that makes the stages of one pipeline run share a parent
+PIPELINE_TAG = "micronet.pipeline"  # which submission the pipeline reproduces (wave, kaist, ...)
+STAGE_TAG = "micronet.stage"
+QUALIFIES_TAG = "qualifies"
+TEACHER_RUN_TAG = "micronet.teacher_run_id"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
-def pipeline_run_key(params_path: Path) -> str:
-    """DVC_EXP_NAME when DVC runs an experiment; otherwise the params content, so all stages of one
-    `dvc repro` with the same parameters share a parent run."""
+def runs_view_url(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's experiments/runs view (MLflow 3 otherwise opens on its GenAI pages)."""
+    return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"
+
+
+def pipeline_run_key(params_path: Path, name: str) -> str:
+    """DVC_EXP_NAME when DVC runs an experiment; otherwise the pipeline name and the params content, so all
+    stages of one `dvc repro` with the same parameters share a parent run."""
     if os.environ.get("DVC_EXP_NAME"):
         return os.environ["DVC_EXP_NAME"]
     if os.environ.get("MICRONET_RUN"):
         return os.environ["MICRONET_RUN"]
-    digest = hashlib.sha256(params_path.read_bytes()).hexdigest()[:12]
-    return f"params-{digest}"
+    digest = hashlib.sha256(params_path.read_bytes()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repository_root(), capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -52,6 +72,9 @@ class StageTracker:
     def active(self) -> bool:
         return self.client is not None
 
+    def _runs(self, parent: bool) -> list[str]:
+        return [self.run_id] + ([self.parent_id] if parent and self.parent_id else [])
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:
             from mlflow.entities import Param
@@ -64,50 +87,68 @@ class StageTracker:
         if not self.active:
             return
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        for run in [self.run_id] + ([self.parent_id] if parent and self.parent_id else []):
+        for run in self._runs(parent):
             self.client.log_batch(run, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any], parent: bool = False) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        for run in self._runs(parent):
+            self.client.log_batch(run, tags=items)
 
     def log_artifact(self, path: Path | str) -> None:
         if self.active and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path))
 
 
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Artifacts beside the store (absolute), not in a ./mlruns folder of whichever directory a stage ran in.
+    artifacts = (repository_root() / "mlartifacts" / name).as_uri()
+    experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    default = client.get_experiment("0")  # MLflow creates an empty "Default" with every new store
+    if default is not None and default.lifecycle_stage == "active" and not client.search_runs(["0"], max_results=1):
+        client.delete_experiment("0")
+    return experiment_id
+
+
 @contextmanager
-def stage_run(
-    stage: str, cfg: TrackingConfig, params: dict[str, Any], params_path: Path, enabled: bool = True
-) -> Iterator[StageTracker]:
-    """A child run for `stage` under the pipeline's parent run (created on first use)."""
+def stage_run(stage: str, params: Any, params_path: Path, enabled: bool = True) -> Iterator[StageTracker]:
+    """A child run for `stage` under the pipeline's parent run (created on first use). `params` is the validated
+    Params: the parent logs all of it, the child the stage's own section."""
+    cfg = params.tracking
     if not (cfg.enabled and enabled):
         yield StageTracker()
         return
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # no schema chatter in stage logs
     from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     client = MlflowClient(tracking_uri())
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        # Artifacts beside the store (absolute), not in a ./mlruns folder of whichever directory a stage ran in.
-        artifacts = (repository_root() / "mlartifacts" / cfg.experiment).as_uri()
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
-    key = pipeline_run_key(params_path)
+    experiment_id = _experiment_id(client, cfg.experiment)
+    key = pipeline_run_key(params_path, cfg.pipeline or cfg.experiment)
+    commit = git_commit()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1, order_by=["start_time DESC"]
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{key}'", max_results=1,
+        order_by=["start_time DESC"],
     )
     if found:
         parent_id = found[0].info.run_id
     else:
-        parent = client.create_run(experiment_id, tags={PIPELINE_TAG: key, MLFLOW_RUN_NAME: key}, run_name=key)
+        tags = {PIPELINE_RUN_TAG: key, PIPELINE_TAG: cfg.pipeline, MLFLOW_RUN_NAME: key, MLFLOW_GIT_COMMIT: commit}
+        parent = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v}, run_name=key)
         parent_id = parent.info.run_id
-        StageTracker(client, parent_id).log_params(params)
-    child = client.create_run(
-        experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent_id, PIPELINE_TAG + ".stage": stage}, run_name=stage
-    )
+        StageTracker(client, parent_id).log_params(params.as_dict())
+    child_tags = {MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, MLFLOW_GIT_COMMIT: commit}
+    child = client.create_run(experiment_id, tags={k: v for k, v in child_tags.items() if v}, run_name=stage)
     tracker = StageTracker(client, child.info.run_id, parent_id)
     status = "FAILED"
     try:

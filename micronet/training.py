@@ -1,6 +1,8 @@
-"""The one training loop: every stage that trains or fine-tunes calls `fit`. SGD (Nesterov), per-epoch LR
-schedule, gradient clipping, label smoothing, optional sparsity masks kept exactly zero, DDP under torchrun,
-best-on-validation selection, and an atomic per-epoch resume file."""
+"""The one training loop: every stage that trains or fine-tunes calls `fit`, whatever the recipe. The recipe is data
+(micronet.config.OptimConfig) turned into objects by micronet.recipe: optimizer, per-step LR schedule (with SGDR
+rounds that restart the optimizer), loss against labels / mixed targets / a teacher, SRIP. The loop adds gradient
+clipping, sparsity masks kept exactly zero, bf16 autocast and channels_last, DDP under torchrun, best-on-validation
+selection and an atomic per-epoch resume file."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from micronet.checkpoint import atomic_save, safe_load
-from micronet.config import DistributedConfig, OptimConfig, ScheduleConfig
+from micronet import recipe
+from micronet.config import DistributedConfig, OptimConfig
 from micronet.errors import MicronetError
 
 # ---- processes and devices -------------------------------------------------------------------------------
@@ -142,13 +146,20 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> Evaluation:
+def evaluate(
+    model: nn.Module, loader: Iterable, runtime: Runtime, *, logit_scale: float = 1.0, bf16: bool = False,
+    channels_last: bool = False,
+) -> Evaluation:
+    """Top-1/top-5 counts (exact integers, all-reduced across ranks) and the cross-entropy of logit_scale*logits."""
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=runtime.device)
     for images, labels in loader:
         images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
-        logits = model(images)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(runtime, bf16):
+            logits = model(images).float() * logit_scale
         top5 = logits.topk(min(5, logits.size(1)), dim=1).indices
         stats[0] += (top5[:, 0] == labels).sum()
         stats[1] += (top5 == labels[:, None]).any(dim=1).sum()
@@ -163,28 +174,18 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> Evaluati
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(schedule: ScheduleConfig, epoch: int, epochs: int) -> float:
-    """Set once per epoch, as the submissions' schedulers do."""
-    if epoch < schedule.warmup_epochs:
-        return (epoch + 1) / schedule.warmup_epochs
-    if schedule.kind == "constant":
-        return 1.0
-    if schedule.kind == "step":
-        return schedule.gamma ** sum(epoch >= m * epochs for m in schedule.milestones)
-    if schedule.kind == "cosine":
-        span = max(1, epochs - schedule.warmup_epochs)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - schedule.warmup_epochs) / span))
-    # Wave's FAA "pyramid" schedule (LambdaLR stepped per epoch).
-    return 0.1 ** (epoch // (0.25 * epochs)) * 0.2 ** (epoch // (0.5 * epochs)) * 0.2 ** (
-        epoch // (0.625 * epochs)
-    ) * 0.2 ** (epoch // (0.75 * epochs))
+def autocast(runtime: Runtime, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and runtime.device.type == "cuda" else nullcontext()
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
+def precision_of(cfg: OptimConfig, runtime: Runtime) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last): `auto`/null mean on for CUDA, off on CPU (where fp32 stays bit-for-bit)."""
+    cuda = runtime.device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    if bf16 and not cuda:
+        raise MicronetError("precision bf16 needs a CUDA device (set precision: fp32 or auto on CPU)")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
+    return bf16, channels_last
 
 
 @dataclass
@@ -199,7 +200,7 @@ EpochCallback = Callable[[dict[str, float]], None]
 
 def fit(
     model: nn.Module,
-    train_set: Dataset,
+    train_set: Dataset | Iterable,
     val_set: Optional[Dataset],
     cfg: OptimConfig,
     runtime: Runtime,
@@ -208,20 +209,42 @@ def fit(
     workers: int = 0,
     seed: int = 0,
     masks: Optional[dict[str, torch.Tensor]] = None,
+    teacher: Optional[nn.Module] = None,
+    num_classes: Optional[int] = None,
     resume_path: Optional[Path] = None,
     fingerprint: str = "",
     on_epoch: Optional[EpochCallback] = None,
     desc: str = "train",
 ) -> FitResult:
     """Train `model` in place for cfg.epochs and leave it at its best validation epoch (the last epoch when
-    there is no validation split). `masks` (parameter name -> 0/1) keep pruned weights exactly zero."""
+    there is no validation split). `train_set` is a Dataset (loaded by DataLoader workers) or a ready batch
+    loader with `set_epoch` (the GPU-resident one). `masks` (parameter name -> 0/1) keep pruned weights exactly
+    zero; `teacher` supplies soft targets and is never trained or wrapped in DDP."""
     model.to(runtime.device)
+    bf16, channels_last = precision_of(cfg, runtime)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(runtime.device)
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
     masks = {k: v.to(runtime.device) for k, v in (masks or {}).items()}
     params = dict(model.named_parameters())
     unknown = set(masks) - set(params)
     if unknown:
         raise MicronetError(f"sparsity masks name parameters the model lacks: {sorted(unknown)[:3]}")
-    optimizer = make_optimizer(model, cfg)
+
+    if isinstance(train_set, Dataset):
+        train_loader = make_loader(train_set, batch_size, runtime, train=True, workers=workers, seed=seed)
+    else:
+        train_loader = train_set
+    val_loader = make_loader(val_set, batch_size, runtime, train=False, workers=workers) if val_set else None
+    steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise MicronetError(f"{desc}: the training split has fewer images than one batch ({batch_size})")
+    criterion = recipe.Criterion(cfg.loss, cfg.mixing, num_classes=num_classes, teacher=teacher)
+    round_starts = recipe.round_starts(cfg)
+    optimizer, scheduler = recipe.start_round(model, cfg, steps, 0)
     result = FitResult()
     best_state: Optional[dict[str, torch.Tensor]] = None
     start_epoch = 0
@@ -230,39 +253,50 @@ def fit(
         state = safe_load(resume_path)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
+            start_epoch = state["epoch"] + 1
+            optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
             optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
             result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
             best_state = state["best_model"]
-            start_epoch = state["epoch"] + 1
             if runtime.is_main:
                 tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
 
     train_model: nn.Module = model
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    train_loader = make_loader(train_set, batch_size, runtime, train=True, workers=workers, seed=seed)
-    val_loader = make_loader(val_set, batch_size, runtime, train=False, workers=workers) if val_set else None
-    steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
-    if steps == 0:
-        raise MicronetError(f"{desc}: the training split has fewer images than one batch ({batch_size})")
+        # static_graph: the same parameters take part in every step, and some never do (KAIST's stride-2 blocks
+        # compute no SE), which a plain DDP reducer would wait for forever.
+        train_model = DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
 
     for epoch in range(start_epoch, cfg.epochs):
-        lr = cfg.lr * lr_multiplier(cfg.schedule, epoch, cfg.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if isinstance(train_loader.sampler, DistributedSampler):
+        if epoch in round_starts and epoch > 0:  # SGDR: a fresh optimizer and schedule for every round
+            optimizer, scheduler = recipe.start_round(model, cfg, steps, epoch)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        elif isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
+        criterion.start_epoch(model)
         train_model.train()
         started = time.perf_counter()
+        first_lr = optimizer.param_groups[0]["lr"]
         totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, seen
-        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if not runtime.is_main else None, leave=False, mininterval=1.0)
+        bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if not runtime.is_main else None,
+                   leave=False, mininterval=1.0)
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps:
                 break
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
-            logits = train_model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.loss.label_smoothing)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(runtime, bf16):
+                images, targets = criterion.prepare(images, labels)
+                logits = train_model(images)
+                loss = criterion(logits.float(), labels, targets)
+                if cfg.srip:
+                    loss = loss + cfg.srip * recipe.srip_penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for name, mask in masks.items():
@@ -271,6 +305,7 @@ def fit(
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            scheduler.step()
             with torch.no_grad():
                 for name, mask in masks.items():
                     params[name].mul_(mask)
@@ -279,19 +314,20 @@ def fit(
                      torch.tensor(labels.numel(), dtype=torch.float64, device=runtime.device)]
                 )
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         if runtime.distributed:
             dist.all_reduce(totals)
         row = {
             "epoch": epoch + 1,
-            "lr": lr,
+            "lr": first_lr,
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
             "seconds": time.perf_counter() - started,
         }
         if val_loader is not None:
-            ev = evaluate(model, val_loader, runtime)
+            ev = evaluate(model, val_loader, runtime, logit_scale=cfg.loss.logit_scale, bf16=bf16,
+                          channels_last=channels_last)
             row.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
         score = row.get("val_acc", float(epoch))
         if best_state is None or val_loader is None or score > result.best_val_top1:
@@ -300,11 +336,12 @@ def fit(
         result.history.append(row)
         if runtime.is_main:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch",)))
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",)))
             if resume_path is not None:
                 atomic_save(
                     {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "history": result.history, "best_epoch": result.best_epoch,
                      "best_val_top1": result.best_val_top1, "best_model": best_state},
                     resume_path,
                 )
@@ -314,6 +351,8 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     if val_loader is None:
         result.best_val_top1 = None
     elif not result.history:  # nothing trained (epochs: 0): still report where the model stands

@@ -1,12 +1,12 @@
-"""`micronet count`: the MicroNet parameter/op count and score of a registered architecture (untrained)."""
+"""`micronet count`: the MicroNet parameter/op count and score of a registered architecture (untrained) or of a
+saved checkpoint (pruned, sparse, quantized: counted as it was saved)."""
 
 from __future__ import annotations
 
-import torch
-import typer
+from pathlib import Path
+from typing import Optional
 
-from micronet.nets import create_model, list_models
-from micronet.scoring import TASKS, count
+import typer
 
 
 def parse_input_size(text: str) -> tuple[int, int, int]:
@@ -23,21 +23,41 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
 
 
 def count_command(
-    arch: str = typer.Option(..., "--arch", help=f"registered architecture ({', '.join(list_models())})"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="registered architecture (see `micronet models`)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="a micronet checkpoint instead of --arch"),
     input: str = typer.Option("3,32,32", "--input", help="one example's shape C,H,W"),
     freebie: bool = typer.Option(False, "--freebie", help="count params and mults at 16 bits (unquantized models)"),
-    num_classes: int = typer.Option(100, "--num-classes", help="classifier outputs"),
+    num_classes: int = typer.Option(100, "--num-classes", help="classifier outputs (with --arch)"),
 ) -> None:
-    """Print the per-layer MicroNet count of ARCH and its score on both tracks."""
+    """Print the per-layer MicroNet count of ARCH or CHECKPOINT and its score on both tracks."""
     size = parse_input_size(input)
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=num_classes)
-    with torch.no_grad():  # a fresh init can draw an exact 0.0: not sparsity, so no mask for it
-        for p in model.parameters():
-            if p.dim() > 1:
-                p[p == 0] = 1e-3
+    if (arch is None) == (checkpoint is None):
+        raise typer.BadParameter("give exactly one of --arch NAME or --checkpoint FILE", param_hint="--arch")
+    import torch
+
+    from micronet.checkpoint import load_model
+    from micronet.nets import create_model
+    from micronet.scoring import TASKS, count
+
+    if checkpoint is not None:
+        model = load_model(checkpoint)[0]
+    else:
+        torch.manual_seed(0)
+        model = create_model(arch, num_classes=num_classes)
+        with torch.no_grad():  # a fresh init can draw an exact 0.0: not sparsity, so no mask for it
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p[p == 0] = 1e-3
     result = count(model, size, freebie=freebie)
     typer.echo(result.table())
     typer.echo("")
     for task in TASKS:
         typer.echo(f"score {task:<9} {result.score(task):.6f}")
+
+
+def models_command() -> None:
+    """List the registered architectures."""
+    from micronet.nets import list_models
+
+    for name in list_models():
+        typer.echo(name)

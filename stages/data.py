@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from micronet.data import write_synthetic_cifar100, write_synthetic_imagenet
-
 
 def synth_command(
     out: Path = typer.Option(..., "--out", help="folder to write cifar-100-python/ into (use it as data.root)"),
@@ -17,6 +15,8 @@ def synth_command(
     seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
 ) -> None:
     """Write a deterministic synthetic CIFAR-100 that torchvision's CIFAR100 loader reads."""
+    from micronet.data import write_synthetic_cifar100
+
     folder = write_synthetic_cifar100(out, n_train=train, n_test=test, seed=seed)
     typer.echo(f"wrote synthetic CIFAR-100 to {folder}: {train} train, {test} test images (seed {seed})")
 
@@ -30,6 +30,8 @@ def synth_imagenet_command(
     seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
 ) -> None:
     """Write a deterministic synthetic ImageNet (JPEG files, ImageFolder layout) that torchvision reads."""
+    from micronet.data import write_synthetic_imagenet
+
     folder = write_synthetic_imagenet(out, classes, train_per_class, val_per_class, size, seed)
     typer.echo(f"wrote synthetic ImageNet to {folder}: {classes} classes, {train_per_class} train and "
                f"{val_per_class} val images per class, shorter side {size} (seed {seed})")

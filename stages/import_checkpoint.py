@@ -7,9 +7,7 @@ from pathlib import Path
 
 import typer
 
-from micronet.checkpoint import atomic_save, build_from_checkpoint
-from micronet.compression.sparsity import overall_sparsity, sparsity_report
-from micronet.importers import IMPORTERS, import_checkpoint
+IMPORTERS = ("kaist",)  # micronet.importers.IMPORTERS, named here so `--help` needs no torch
 
 
 def import_command(
@@ -19,6 +17,10 @@ def import_command(
     output: Path = typer.Option(..., "--output", help="micronet checkpoint to write, e.g. models/import.pt"),
 ) -> None:
     """Map SRC's weights key for key onto ARCH and write them as a micronet checkpoint."""
+    from micronet.checkpoint import atomic_save, build_from_checkpoint
+    from micronet.compression.sparsity import overall_sparsity, sparsity_report
+    from micronet.importers import import_checkpoint
+
     ckpt = import_checkpoint(source, src, arch)
     atomic_save(ckpt, output)
     sparsity = overall_sparsity(sparsity_report(build_from_checkpoint(ckpt, output)))

@@ -1,29 +1,22 @@
-"""`micronet prune`: structured pruning to prune.rate of the parameters, in prune.steps steps with
-fine-tuning between them. Writes the channel plan and weights (no pickled module)."""
+"""`micronet prune`: structured pruning to prune.rate of the parameters, in prune.steps steps with fine-tuning
+between them. Writes the channel plan and weights (no pickled module)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import typer
 
-from micronet import runner
-from micronet.checkpoint import apply_channel_plan, channel_plan, load_model
-from micronet.compression.structured import count_parameters, prune_to_rate
-from micronet.data import build_splits
-from micronet.tracking import stage_run
-from micronet.training import Runtime, broadcast_object, make_loader, setup_runtime, teardown_runtime
 from stages.common import ParamsOption
 
 
-def importance_loss(loader, batches: int, device: torch.device):
+def importance_loss(loader, batches: int, device):
     """Loss over a few validation batches, batch-wise (Taylor) or per sample (Hessian)."""
+    import torch.nn.functional as F
+
     data = [(x.to(device), y.to(device)) for _, (x, y) in zip(range(batches), loader)]
 
-    def loss_fn(model: nn.Module, per_sample: bool = False):
+    def loss_fn(model, per_sample: bool = False):
         model.eval()  # BN statistics and ShakeDrop stay fixed while scoring
         if not per_sample:
             return sum(F.cross_entropy(model(x), y) for x, y in data) / len(data)
@@ -39,16 +32,26 @@ def prune_command(
     metrics: Path = typer.Option(Path("metrics/prune.json"), "--metrics"),
     plots: Path = typer.Option(Path("metrics/plots/prune.csv"), "--plots"),
 ) -> None:
+    import torch
+    import torch.nn as nn
+
+    from micronet import runner
+    from micronet.checkpoint import apply_channel_plan, channel_plan, load_model
+    from micronet.compression.structured import count_parameters, prune_to_rate
+    from micronet.tracking import stage_run
+    from micronet.training import Runtime, broadcast_object, make_loader, setup_runtime, teardown_runtime
+
     params = runner.prepare(params_path)
     cfg = params.prune
     if not cfg.enabled:
-        runner.skip_stage(input, output, {metrics: {"enabled": False}, plots: []})
+        runner.skip_stage(input, output, {metrics: {}, plots: []})
+        typer.echo(f"prune: switched off, passed {input} on to {output}")
         return
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     params_before = count_parameters(model)
-    splits = build_splits(params.data.model_copy(update={"augment": cfg.finetune.augment or params.data.augment}))
+    splits, train_data = runner.training_data(params, cfg.finetune, runtime)
     scoring_set = splits.val or splits.train_eval
     example = torch.zeros(1, *scoring_set[0][0].shape, device=runtime.device)
 
@@ -72,17 +75,18 @@ def prune_command(
                        f"is at prune.max_layer_rate ({cfg.max_layer_rate}); raise it or prune.steps", err=True)
         return {"rate": rate, "parameters": n}
 
-    with stage_run("prune", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
+    with stage_run("prune", params, params_path, enabled=runtime.is_main) as track:
         track.log_params({"prune": cfg.model_dump()})
         model, rows = runner.compress_in_steps(
             "prune", model, source, cfg, prune, measure,
-            params=params, input=input, splits=splits, runtime=runtime, track=track, output=output,
+            params=params, input=input, splits=splits, train=train_data, runtime=runtime, track=track, output=output,
         )
         if runtime.is_main:
             final = rows[-1]
-            summary = {"enabled": True, "criterion": cfg.criterion, "target_rate": cfg.rate, "rate": final["rate"],
-                       "parameters_before": params_before, "parameters": final["parameters"],
-                       "val_accuracy": final["val_accuracy"], "steps": rows}
-            runner.publish(track, {metrics: summary, plots: rows},
-                           {k: final[k] for k in ("rate", "parameters", "val_accuracy")})
+            summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
+                       "val_accuracy": final["val_accuracy"]}
+            runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"))
+            accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
+            typer.echo(f"prune: {params_before:,} -> {final['parameters']:,} parameters (rate {final['rate']:.4f}) "
+                       f"in {len(rows)} steps, val accuracy {accuracy} -> {output}")
     teardown_runtime(runtime)

@@ -7,14 +7,6 @@ from pathlib import Path
 
 import typer
 
-from micronet import runner
-from micronet.config import load_params
-from micronet.checkpoint import atomic_save, load_model, make_checkpoint
-from micronet.compression.quantize import quantize_model
-from micronet.data import build_splits
-
-from micronet.tracking import stage_run
-from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 from stages.common import ParamsOption
 
 
@@ -24,10 +16,21 @@ def quantize_command(
     output: Path = typer.Option(Path("models/quantize.pt"), "--output"),
     metrics: Path = typer.Option(Path("metrics/quantize.json"), "--metrics"),
 ) -> None:
-    params = load_params(params_path)  # calibration is one process: no torchrun relaunch
+    import math
+
+    from micronet import runner
+    from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.compression.quantize import quantize_model
+    from micronet.data import build_splits
+    from micronet.scoring import foldable_batchnorms
+    from micronet.tracking import stage_run
+    from micronet.training import Runtime, evaluate, make_loader, setup_runtime
+
+    params = runner.prepare(params_path, single_process=True)  # calibration is one process
     cfg = params.quantize
     if not cfg.enabled:
-        runner.skip_stage(input, output, {metrics: {"enabled": False}})
+        runner.skip_stage(input, output, {metrics: {}})
+        typer.echo(f"quantize: switched off, passed {input} on to {output}")
         return
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     runner.seed_everything(params.train.seed)
@@ -36,32 +39,35 @@ def quantize_command(
     splits = build_splits(params.data)
     calibration_set = splits.val or splits.train_eval
     loader = make_loader(calibration_set, params.data.eval_batch_size, runtime, train=False, workers=params.data.workers)
+    available = math.ceil(len(calibration_set) / params.data.eval_batch_size)
+    if cfg.calibration_batches > available:
+        typer.echo(f"warning: quantize.calibration_batches is {cfg.calibration_batches} but the calibration split "
+                   f"holds {available} batches of {params.data.eval_batch_size}: calibrating on {available}", err=True)
     before = evaluate(model, loader, runtime) if splits.val is not None else None
     input_size = tuple(calibration_set[0][0].shape)
-    from micronet.scoring import foldable_batchnorms
-
     pairs = foldable_batchnorms(model, input_size) if cfg.fold_bn else []
     calibration = (x.to(runtime.device) for _, (x, _) in zip(range(cfg.calibration_batches), loader))
+    example = calibration_set[0][0][None].to(runtime.device)
     info = quantize_model(
         model, pairs, calibration, weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits,
         method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
-        momentum=cfg.momentum,
+        momentum=cfg.momentum, points=cfg.activation_points, example=example,
     )
     after = evaluate(model, loader, runtime) if splits.val is not None else None
 
-    with stage_run("quantize", params.tracking, params.model_dump(), params_path) as track:
+    with stage_run("quantize", params, params_path) as track:
         track.log_params({"quantize": cfg.model_dump()})
-        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize"), output)
+        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize",
+                                    mlflow_run_id=track.run_id), output)
         summary = {
-            "enabled": True,
-            "weight_bits": cfg.weight_bits,
-            "activation_bits": cfg.activation_bits,
-            "folded_batchnorms": len(info["spec"]["folded"]),
-            "quantized_weight_layers": len(info["spec"]["weight_layers"]),
-            "activation_quantizers": len(info["spec"]["activation_layers"]),
-            "calibration_batches": info["calibration_batches"],
             "val_accuracy_before": before.top1 if before else None,
             "val_accuracy": after.top1 if after else None,
+            "folded_batchnorms": len(info["spec"]["folded"]),
+            "activation_quantizers": len(info["spec"]["activation_layers"]),
+            "calibration_batches": info["calibration_batches"],
         }
-        runner.publish(track, {metrics: summary},
-                       {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        runner.publish(track, {metrics: summary}, summary)
+        change = "" if before is None else f", val accuracy {before.top1:.4f} -> {after.top1:.4f}"
+        typer.echo(f"quantize: {cfg.weight_bits}-bit weights, {cfg.activation_bits}-bit activations at "
+                   f"{summary['activation_quantizers']} points, {summary['folded_batchnorms']} BatchNorms folded, "
+                   f"calibrated on {info['calibration_batches']} batches{change} -> {output}")

@@ -7,13 +7,6 @@ from pathlib import Path
 
 import typer
 
-from micronet import runner
-from micronet.config import load_params
-from micronet.checkpoint import load_model
-from micronet.data import build_splits
-from micronet.scoring import count
-from micronet.tracking import stage_run
-from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 from stages.common import ParamsOption
 
 
@@ -23,7 +16,14 @@ def score_command(
     metrics: Path = typer.Option(Path("metrics/score.json"), "--metrics"),
     table: Path = typer.Option(Path("metrics/score_layers.txt"), "--table", help="per-layer count table"),
 ) -> None:
-    params = load_params(params_path)
+    from micronet import runner
+    from micronet.checkpoint import load_model
+    from micronet.data import build_splits
+    from micronet.scoring import count
+    from micronet.tracking import QUALIFIES_TAG, stage_run
+    from micronet.training import Runtime, evaluate, make_loader, setup_runtime
+
+    params = runner.prepare(params_path, single_process=True)
     cfg = params.score
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     model, source = load_model(input)
@@ -32,33 +32,30 @@ def score_command(
     result = evaluate(model, make_loader(test, params.data.eval_batch_size, runtime, train=False,
                                          workers=params.data.workers), runtime)
     counted = count(model, tuple(test[0][0].shape), freebie=cfg.freebie)
+    qualifies = counted.qualifies(cfg.task, result.correct_top1, result.total)
     summary = {
-        "task": cfg.task,
         "accuracy": result.top1,
         "top5": result.top5,
         "correct": result.correct_top1,
         "total": result.total,
         "params": counted.params,
         "flops": counted.flops,
-        "score": counted.score(cfg.task),
-        "qualifies": counted.qualifies(cfg.task, result.correct_top1, result.total),
+        "score": runner.significant(counted.score(cfg.task)),
+        "qualifies": qualifies,
         "param_bits": counted.param_bits,
         "mults": counted.mults,
         "adds": counted.adds,
-        "quantized": counted.quantized,
-        "freebie": counted.freebie,
-        "stage": source.get("stage"),
     }
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(counted.table() + "\n")
-    with stage_run("score", params.tracking, params.model_dump(), params_path) as track:
+    with stage_run("score", params, params_path) as track:
         track.log_artifact(table)
+        track.set_tags({QUALIFIES_TAG: str(qualifies).lower(), "precision": "quantized" if counted.quantized else (
+            "freebie" if counted.freebie else "32-bit"), "task": cfg.task}, parent=True)
         runner.publish(track, {metrics: summary},
-                       {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score", "qualifies")},
-                       parent=True)
-    typer.echo(counted.table())
+                       {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score")}, parent=True)
     typer.echo(
-        f"{cfg.task}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}), "
-        f"params {summary['params']:,.0f}, flops {summary['flops']:,.0f}, score {summary['score']:.6f}, "
-        f"qualifies {summary['qualifies']}"
+        f"score ({cfg.task}, {source.get('stage') or 'checkpoint'}): accuracy {summary['accuracy']:.4f} "
+        f"({summary['correct']}/{summary['total']}), params {summary['params']:,.2f}, flops {summary['flops']:,.2f}, "
+        f"score {summary['score']:.6g}, qualifies {str(qualifies).lower()}; per-layer table in {table}"
     )

@@ -1,21 +1,12 @@
-"""`micronet sparsify`: global magnitude pruning of conv and linear weights to sparsify.rate, in steps with
-masked fine-tuning; the zeros stay exactly zero in the saved checkpoint."""
+"""`micronet sparsify`: global magnitude pruning of conv and linear weights to sparsify.rate, in steps with masked
+fine-tuning (geometric steps as Wave, linear rounds as KAIST); the zeros stay exactly zero in the checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
 import typer
 
-from micronet import runner
-from micronet.checkpoint import load_model
-from micronet.compression.sparsity import (
-    apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report,
-)
-from micronet.data import build_splits
-from micronet.tracking import stage_run
-from micronet.training import setup_runtime, teardown_runtime
 from stages.common import ParamsOption
 
 
@@ -27,16 +18,27 @@ def sparsify_command(
     plots: Path = typer.Option(Path("metrics/plots/sparsify.csv"), "--plots"),
     layers: Path = typer.Option(Path("metrics/sparsify_layers.json"), "--layers", help="per-layer sparsity"),
 ) -> None:
+    import torch.nn as nn
+
+    from micronet import runner
+    from micronet.checkpoint import load_model
+    from micronet.compression.sparsity import (
+        apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report,
+    )
+    from micronet.tracking import stage_run
+    from micronet.training import setup_runtime, teardown_runtime
+
     params = runner.prepare(params_path)
     cfg = params.sparsify
     if not cfg.enabled:
-        runner.skip_stage(input, output, {metrics: {"enabled": False}, layers: {}, plots: []})
+        runner.skip_stage(input, output, {metrics: {}, layers: {}, plots: []})
+        typer.echo(f"sparsify: switched off, passed {input} on to {output}")
         return
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     prunable_weights(model, cfg.exclude)  # fail fast on a misspelt exclude
-    splits = build_splits(params.data.model_copy(update={"augment": cfg.finetune.augment or params.data.augment}))
+    splits, train_data = runner.training_data(params, cfg.finetune, runtime)
 
     def sparsify(model: nn.Module, step: int, target: float) -> dict:
         # Every rank holds the same weights (DDP), so every rank computes the same masks.
@@ -48,18 +50,20 @@ def sparsify_command(
         eligible = {n: r for n, r in sparsity_report(model).items() if n not in cfg.exclude}
         return {"sparsity": overall_sparsity(eligible)}
 
-    with stage_run("sparsify", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
+    with stage_run("sparsify", params, params_path, enabled=runtime.is_main) as track:
         track.log_params({"sparsify": cfg.model_dump()})
         model, rows = runner.compress_in_steps(
             "sparsify", model, source, cfg, sparsify, measure,
-            params=params, input=input, splits=splits, runtime=runtime, track=track, output=output,
+            params=params, input=input, splits=splits, train=train_data, runtime=runtime, track=track, output=output,
         )
         if runtime.is_main:
             report = sparsity_report(model)
             final = rows[-1]
-            summary = {"enabled": True, "target_rate": cfg.rate, "sparsity": final["sparsity"],
-                       "sparsity_all_layers": overall_sparsity(report), "val_accuracy": final["val_accuracy"],
-                       "steps": rows}
-            runner.publish(track, {metrics: summary, layers: report, plots: rows},
-                           {k: final[k] for k in ("sparsity", "val_accuracy")})
+            summary = {"sparsity": final["sparsity"], "sparsity_all_layers": overall_sparsity(report),
+                       "val_accuracy": final["val_accuracy"]}
+            runner.publish(track, {metrics: summary, layers: report, plots: rows}, summary,
+                           steps=(plots, rows, "sparsity"))
+            accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
+            typer.echo(f"sparsify: {final['sparsity']:.2%} of the eligible weights zero in {len(rows)} steps, "
+                       f"val accuracy {accuracy} -> {output}")
     teardown_runtime(runtime)

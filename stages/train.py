@@ -1,62 +1,79 @@
-"""`micronet train`: train the model from params (resumes after an interruption)."""
+"""`micronet train`: train one training section of the params (resumes after an interruption).
+
+Heavy imports live inside the command so `micronet --help` and parameter errors stay fast."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from micronet import runner
-from micronet.checkpoint import load_model, make_checkpoint, atomic_save
-from micronet.data import build_splits
-from micronet.nets import create_model
-from micronet.tracking import stage_run
-from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
 from stages.common import ParamsOption
 
 
 def train_command(
     params_path: Path = ParamsOption,
+    section: str = typer.Option("train", "--section", help="training section of the params (train, train_b0, ...)"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="checkpoint whose softmax is the target"),
     output: Path = typer.Option(Path("models/train.pt"), "--output", help="checkpoint written"),
     metrics: Path = typer.Option(Path("metrics/train.json"), "--metrics"),
     plots: Path = typer.Option(Path("metrics/plots/train.csv"), "--plots", help="per-epoch curves"),
 ) -> None:
+    from micronet import runner
+    from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.compression.dnw import apply_dnw, bake_dnw, density_report
+    from micronet.data import num_classes
+    from micronet.nets import create_model
+    from micronet.tracking import TEACHER_RUN_TAG, stage_run
+    from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
+
     params = runner.prepare(params_path)
-    cfg = params.train
+    cfg = params.training(section)
     if not cfg.enabled:
-        runner.skip_stage(Path(cfg.checkpoint), output, {metrics: {"enabled": False, "source": cfg.checkpoint},
-                                                          plots: []})
+        runner.skip_stage(Path(cfg.checkpoint), output, {metrics: {}, plots: []})
+        typer.echo(f"{section}: switched off, passed {cfg.checkpoint} on to {output}")
         return
+    model_cfg = params.model_for(section)
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(cfg.seed)
-    if cfg.checkpoint:
-        model, _ = load_model(cfg.checkpoint)
-    else:
-        model = create_model(params.model.arch, **params.model.args)
-    splits = build_splits(params.data.model_copy(update={"augment": cfg.augment or params.data.augment}))
+    model = load_model(cfg.checkpoint)[0] if cfg.checkpoint else create_model(model_cfg.arch, **model_cfg.args)
+    teacher_model, teacher_ckpt = load_model(teacher) if teacher else (None, {})
+    sparse_layers = apply_dnw(model, cfg.dnw.density, cfg.dnw.exclude) if cfg.dnw else []
+    splits, train_data = runner.training_data(params, cfg, runtime)
     resume = runner.resume_file(output)
-    key = runner.fingerprint(params.data.model_dump(), params.model.model_dump(), cfg.model_dump())
+    inputs = [Path(p) for p in (cfg.checkpoint, teacher) if p]  # a changed input checkpoint starts afresh
+    key = runner.fingerprint(params.data.model_dump(), model_cfg.model_dump(), cfg.model_dump(), *inputs)
 
-    with stage_run("train", params.tracking, params.model_dump(), params_path, enabled=runtime.is_main) as track:
-        track.log_params({"train": cfg.model_dump(), "model": params.model.model_dump()})
+    with stage_run(section, params, params_path, enabled=runtime.is_main) as track:
+        track.log_params({section: cfg.model_dump(), "model": model_cfg.model_dump()})
+        track.set_tags({TEACHER_RUN_TAG: teacher_ckpt.get("mlflow_run_id")})
         result = fit(
-            model, splits.train, splits.val, cfg, runtime,
+            model, train_data, splits.val, cfg, runtime,
             batch_size=cfg.batch_size or params.data.batch_size, workers=params.data.workers, seed=cfg.seed,
-            resume_path=resume, fingerprint=key, desc="train",
+            teacher=teacher_model, num_classes=num_classes(params.data), resume_path=resume, fingerprint=key,
+            desc=section,
             on_epoch=lambda row: track.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"]),
         )
+        if sparse_layers:
+            bake_dnw(model)
         if runtime.is_main:
             n_params = sum(p.numel() for p in model.parameters())
-            atomic_save(make_checkpoint(model, params.model.arch, params.model.args, stage="train"), output)
-            summary = {
-                "enabled": True,
-                "epochs": cfg.epochs,
-                "best_epoch": result.best_epoch,
-                "val_accuracy": result.best_val_top1,
-                "parameters": n_params,
-                "processes": runtime.world_size,
-            }
-            runner.publish(track, {metrics: summary, plots: result.history},
-                           {"val_accuracy": result.best_val_top1, "parameters": n_params})
+            checkpoint = make_checkpoint(model, model_cfg.arch, model_cfg.args, stage=section,
+                                         mlflow_run_id=track.run_id)
+            atomic_save(checkpoint, output)
+            summary = {"val_accuracy": result.best_val_top1, "best_epoch": result.best_epoch,
+                       "parameters": n_params}
+            files: dict = {metrics: summary, plots: result.history}
+            if sparse_layers:
+                density = density_report(model)
+                summary["density"] = sum(r["nonzero"] for r in density.values()) / sum(
+                    r["numel"] for r in density.values())
+                files[runner.sibling(metrics, "_layers")] = density
+            runner.publish(track, files, summary, curves=(plots, result.history))
             clear_resume(resume, runtime)
+            accuracy = "n/a (no validation split)" if result.best_val_top1 is None else f"{result.best_val_top1:.4f}"
+            processes = f"{runtime.world_size} processes" if runtime.distributed else "1 process"
+            typer.echo(f"{section}: val accuracy {accuracy} at epoch {result.best_epoch}/{cfg.epochs}, "
+                       f"{n_params:,} parameters, {processes} -> {output}")
     teardown_runtime(runtime)

@@ -69,14 +69,37 @@ def test_count_prints_a_table_for_a_registered_arch(tmp_path):
     assert "unknown architecture 'nonet'" in one_line_error(bad)
 
 
-def test_more_processes_than_gpus_is_a_one_line_error(tmp_path):
-    demo_params(tmp_path, lambda p: p["distributed"].update(nproc_per_node=4, device="auto"))
-    # the dataset check comes first; give it a dataset so the GPU check is what fails
-    from micronet.data import write_synthetic_cifar100
+def test_more_processes_than_gpus_is_a_one_line_error(tmp_path, monkeypatch):
+    """Whatever this machine has: pretend it sees one GPU and ask for four processes."""
+    import pytest
+    import torch
 
+    from micronet import runner
+    from micronet.data import write_synthetic_cifar100
+    from micronet.errors import MicronetError
+
+    path = demo_params(tmp_path, lambda p: p["distributed"].update(nproc_per_node=4, device="auto"))
     write_synthetic_cifar100(tmp_path / "data" / "synth", n_train=100, n_test=100, seed=0)
-    line = one_line_error(micronet("prune", cwd=tmp_path))
-    assert "distributed.nproc_per_node' = 4" in line and "GPU(s) are visible" in line
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MicronetError) as err:
+        runner.prepare(path)
+    message = str(err.value)
+    assert "distributed.nproc_per_node' = 4" in message and "1 GPU(s) are visible" in message
+    assert "set it to at most 1" in message and "\n" not in message
+
+
+def test_help_is_fast_and_flags_are_flags(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    proc = micronet("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "train" in proc.stdout and "score" in proc.stdout
+    assert time.perf_counter() - started < 10  # generous for a loaded CI box; bench/bench_cli.py times it
+    count_help = micronet("count", "--help", cwd=tmp_path).stdout
+    assert "--freebie" in count_help and "--checkpoint" in count_help and "<bool>" not in count_help.lower()
+    assert "BOOLEAN" not in count_help
 
 
 def test_a_switched_off_stage_passes_its_input_through(tmp_path):
@@ -98,5 +121,27 @@ def test_a_switched_off_stage_passes_its_input_through(tmp_path):
                     "--layers", "l.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.pt").read_bytes() == (tmp_path / "in.pt").read_bytes()
-    assert json.loads((tmp_path / "m.json").read_text()) == {"enabled": False}
+    assert json.loads((tmp_path / "m.json").read_text()) == {}
     assert (tmp_path / "p.csv").is_file() and (tmp_path / "l.json").is_file()
+
+
+def test_count_reads_a_saved_checkpoint(tmp_path):
+    """`micronet count --checkpoint` counts the model as saved: here a sparse one, so masks are paid."""
+    import torch
+
+    from micronet.checkpoint import atomic_save, make_checkpoint
+    from micronet.compression.sparsity import apply_masks, global_magnitude_masks, prunable_weights
+    from micronet.nets import create_model
+    from micronet.scoring import count
+
+    torch.manual_seed(0)
+    model = create_model("pyramidnet", depth=11, alpha=4, num_classes=10)
+    apply_masks(model, global_magnitude_masks(prunable_weights(model), 0.5))
+    atomic_save(make_checkpoint(model, "pyramidnet", {"depth": 11, "alpha": 4, "num_classes": 10}), tmp_path / "s.pt")
+    proc = micronet("count", "--checkpoint", "s.pt", "--freebie", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = count(model, (3, 32, 32), freebie=True)
+    assert f"score cifar100  {expected.score('cifar100'):.6f}" in proc.stdout
+    assert f"param bits  {expected.param_bits:,.0f}" in proc.stdout and "0.5" in proc.stdout
+    both = micronet("count", "--checkpoint", "s.pt", "--arch", "pyramidnet", cwd=tmp_path)
+    assert both.returncode == 2 and "exactly one of --arch" in both.stderr

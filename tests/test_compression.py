@@ -151,17 +151,83 @@ def test_exclude_unknown_layer_is_an_error():
 # ---- quantization -------------------------------------------------------------------------------------------
 
 
-def test_quantize_tensor_rounds_to_bits():
-    x = torch.randn(1000) * 3
-    e = power_of_two_exponent(float(x.abs().max()), 8)
-    q = quantize_tensor(x, 8, e)
-    ints = q * 2.0**e
-    assert torch.equal(ints, ints.round()) and ints.min() >= -128 and ints.max() <= 127
-    assert (q - x).abs().max() <= 2.0 ** (-e) / 2 + 1e-6
+def test_quantize_tensor_rounds_then_clamps_to_a_hand_computed_grid():
+    # exponent 2, 4 bits: x*4 = [1.2, -6.8, 20, 0.496, -33] -> clamp [-8, 7] -> round -> [1, -7, 7, 0, -8] -> /4
+    x = torch.tensor([0.3, -1.7, 5.0, 0.124, -8.25])
+    assert quantize_tensor(x, 4, 2).tolist() == [0.25, -1.75, 1.75, 0.0, -2.0]
+    # 8 bits, exponent 7 (bound 1.0): the 1/128 grid
+    assert quantize_tensor(torch.tensor([0.5, 0.00390625 + 1e-4, 0.99999]), 8, 7).tolist() == [0.5, 0.0078125, 0.9921875]
     assert power_of_two_exponent(1.0, 8) == 7 and power_of_two_exponent(1.5, 8) == 6
+    assert power_of_two_exponent(0.2, 9) == 8 + 2  # ceil(log2 0.2) = -2
 
 
-def _quantized_toy():
+def test_sigmamax_exponent_is_from_mean_plus_k_sigma():
+    from micronet.compression.quantize import range_bound
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 30.0])  # mean 8, sample variance 610 / 4 = 152.5
+    bound = range_bound(x, "sigmamax", 2.0)
+    assert bound == pytest.approx(8.0 + 2 * 152.5**0.5, rel=1e-6)
+    assert power_of_two_exponent(bound, 9) == 8 - 6  # |mean| + 2 sigma = 32.70 -> 2^6 -> exponent 2
+    assert range_bound(x, "max", 2.0) == 30.0
+    assert range_bound(-x, "sigmamax", 2.0) == pytest.approx(bound)  # |mean|
+
+
+def test_activation_quantizer_tracks_a_running_average_and_quantizes_while_calibrating():
+    from micronet.compression.quantize import ActivationQuantizer
+
+    q = ActivationQuantizer(bits=8, sigmas=1.0, momentum=0.5)
+    q.calibrating = True
+    first = torch.tensor([1.0, 3.0])  # mean 2, std 1.41421
+    second = torch.tensor([-4.0, 4.0, 4.0, -4.0])  # mean 0, std 4.6188
+    out = q(first)
+    # after one batch the statistics are the batch's: bound 2 + 1.41421 -> exponent 8-1-2 = 5, grid 1/32
+    assert int(q.exponent) == 5 and torch.equal(out, quantize_tensor(first, 8, 5))
+    q(second)
+    mean = 2 + 0.5 * (0 - 2)
+    std = 2**0.5 + 0.5 * (second.std().item() - 2**0.5)
+    assert q._mean == pytest.approx(mean) and q._std == pytest.approx(std)
+    q.finish_calibration()
+    assert int(q.exponent) == power_of_two_exponent(abs(mean) + std, 8) == 4
+    assert not q.calibrating and torch.equal(q(torch.tensor([0.51])), torch.tensor([0.5]))
+
+
+def test_hessian_criterion_removes_the_channel_with_the_least_w2_mean_g2():
+    """OBD: a channel's importance is sum w^2 * E[g^2] over its weights in the group (conv rows + the
+    classifier's columns), with g the per-sample gradient. Computed here by hand and compared with what goes."""
+    torch.manual_seed(4)  # a model where the last sample alone would rank another channel lowest
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 3))
+    data = batches(2, 6)
+    data = [(x[:, :, :8, :8], y % 3) for x, y in data]
+    conv, fc = model[0], model[4]
+    squares = [torch.zeros_like(conv.weight), torch.zeros_like(fc.weight)]
+    last = None
+    n = 0
+    for x, y in data:
+        for i in range(len(y)):
+            model.zero_grad()
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+            last = [conv.weight.grad.pow(2).clone(), fc.weight.grad.pow(2).clone()]
+            squares[0] += last[0]
+            squares[1] += last[1]
+            n += 1
+
+    def importance(sq):
+        return (conv.weight.detach() ** 2 * sq[0] / n).flatten(1).sum(1) + (fc.weight.detach() ** 2 * sq[1] / n).sum(0)
+
+    expected = int(importance(squares).argmin())
+    assert expected != int(importance([last[0] * n, last[1] * n]).argmin())  # the last sample alone ranks otherwise
+    before = conv.weight.detach().clone()
+    prune_to_rate(model, torch.zeros(1, 3, 8, 8), 0.1, count_parameters(model), criterion="hessian",
+                  loss_fn=loss_fn_for(data), max_layer_rate=0.5)
+    keep = [c for c in range(6) if c != expected]
+    assert conv.out_channels == 5 and torch.equal(conv.weight.detach(), before[keep])
+
+
+def _quantized_toy(points: str = "every_op"):
+    import copy
+
+    from micronet.compression.quantize import batchnorm_to_affine, fold_batchnorms
     from micronet.scoring import foldable_batchnorms
 
     model = toy()
@@ -171,22 +237,30 @@ def _quantized_toy():
     x = calib[0]
     reference = model(x)
     pairs = foldable_batchnorms(model, (3, 32, 32))
-    info = quantize_model(model, pairs, calib, weight_bits=9, activation_bits=12)
-    return model, info, x, reference
+    folded = copy.deepcopy(model)  # the float weights the quantizer rounds, for hand-computed exponents
+    fold_batchnorms(folded, pairs)
+    for m in folded.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            batchnorm_to_affine(m)
+    info = quantize_model(model, pairs, calib, weight_bits=9, activation_bits=12, points=points, example=x[:1])
+    return model, info, x, reference, folded
 
 
-def test_quantize_folds_bn_rounds_weights_and_keeps_zeros(tmp_path):
-    model, info, x, reference = _quantized_toy()
+def test_quantize_folds_bn_rounds_weights_with_sigmamax_exponents_and_keeps_zeros(tmp_path):
+    from micronet.compression.quantize import range_bound
+
+    model, info, x, reference, folded = _quantized_toy()
     spec = info["spec"]
     assert spec["folded"] and ["conv1", "bn1"] in spec["folded"]
     assert isinstance(model.bn1, nn.Identity) and model.conv1.bias is not None
-    for (name, exponent) in info["weight_exponents"].items():
-        p = model.get_parameter(name)
-        ints = p.detach() * 2.0**exponent
-        assert torch.equal(ints, ints.round()), name
-        assert ints.min() >= -256 and ints.max() <= 255, name  # 9-bit signed
-    # sparsity survives quantization exactly
-    assert sparsity_report(model)["layer1.0.conv2"]["sparsity"] >= 0.2
+    for name, exponent in info["weight_exponents"].items():
+        original = folded.get_parameter(name).detach()
+        assert exponent == power_of_two_exponent(float(original.mean().abs() + 10 * original.std()), 9), name
+        assert exponent == power_of_two_exponent(range_bound(original, "sigmamax", 10.0), 9), name
+        assert torch.equal(model.get_parameter(name).detach(), quantize_tensor(original, 9, exponent)), name
+    # sparsity survives quantization exactly: the zeros of the pruned weights are still there, no new ones lost
+    for name in ("layer1.0.conv2", "layer2.0.conv1"):
+        assert torch.equal(model.get_submodule(name).weight == 0, folded.get_submodule(name).weight == 0)
     # activations are rounded too: outputs differ slightly from float, but not wildly
     out = model(x)
     assert not torch.equal(out, reference)
@@ -196,7 +270,7 @@ def test_quantize_folds_bn_rounds_weights_and_keeps_zeros(tmp_path):
 def test_quantized_checkpoint_round_trips_and_the_counter_reads_its_bits(tmp_path):
     from micronet.scoring import count
 
-    model, info, x, _ = _quantized_toy()
+    model, info, x, _, _ = _quantized_toy()
     path = tmp_path / "q.pt"
     atomic_save(make_checkpoint(model, "pyramidnet", ARGS), path)
     reloaded, ckpt = load_model(path)
@@ -206,6 +280,30 @@ def test_quantized_checkpoint_round_trips_and_the_counter_reads_its_bits(tmp_pat
     assert counted.quantized and not counted.freebie
     convs = [r for r in counted.layers if r.kind == "conv"]
     assert convs and all(r.bits == 12 for r in convs[1:])  # max(9-bit weights, 12-bit activations)
+
+
+def test_wave_activation_points_keep_every_op_at_the_activation_bits():
+    """Wave quantizes after every leaf module and the input; with the residual sums quantized too, no arithmetic
+    op of the PyramidNet runs above 12 bits except the 32-bit accumulators the rules require: conv/linear adds,
+    and the requantization that reads an accumulator."""
+    from micronet.scoring import count
+
+    model, info, _, _, _ = _quantized_toy("every_op")
+    points = set(info["spec"]["activation_layers"])
+    assert {"", "layer1.0", "layer1.0.shake_drop", "layer2.0.downsample", "layer1.0.conv2", "avgpool"} <= points
+    assert not points & {"layer1", "bn1", "layer1.0.bn4"}  # containers passing a child's output, folded BNs
+    counted = count(model, (3, 32, 32))
+    for row in counted.layers:
+        if row.kind in ("conv", "linear"):
+            assert row.bits == 12, row  # the multiplies; their adds accumulate at 32
+        elif row.kind != "requant":
+            assert row.bits <= 12, row
+    kinds = {row.kind for row in counted.layers if row.bits <= 12}
+    assert {"add", "scale", "bn", "relu", "gap"} <= kinds  # residual adds, ShakeDrop, unfoldable bn1, pools
+
+    layers_only, _, _, _, _ = _quantized_toy("layers")
+    wide = [r for r in count(layers_only, (3, 32, 32)).layers if r.kind in ("add", "scale", "bn") and r.bits > 12]
+    assert wide  # the old points left the sums and the next BN at 32 bits
 
 
 def test_prune_stops_at_the_layer_cap_instead_of_overshooting():

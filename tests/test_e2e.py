@@ -1,114 +1,108 @@
-"""The demo pipeline through DVC in a copy of the repository: `dvc repro`, then `dvc exp run -S prune.rate=...`
+"""The Wave demo pipeline through DVC in a copy of the repository: `dvc repro`, then `dvc exp run -S prune.rate=...`
 re-runs only what the change touches; metrics, checkpoints and MLflow runs are what the params asked for."""
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-REPO = Path(__file__).resolve().parents[1]
+from e2e import environment, repository_copy, run, stages_run
+
 pytestmark = pytest.mark.e2e
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@]+)'", output)
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A committed copy of this repository (tracked and untracked-not-ignored files) with a tinier demo."""
-    root = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if name.startswith("pipelines/demo/") and name.split("/")[2] in ("data", "models", "metrics", "dvc.lock"):
-            continue
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    params_path = root / "pipelines/demo/params.yaml"
-    params = yaml.safe_load(params_path.read_text())
+def shrink(params: dict) -> None:
     params["synth"].update(train=600, test=200)
     params["data"].update(val_size=100, batch_size=50)
     params["train"].update(epochs=2)
     params["prune"]["finetune"].update(epochs=1)
     params["sparsify"]["finetune"].update(epochs=1)
     params["distributed"]["threads"] = 2
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
-    subprocess.run(git + ["commit", "-qm", "copy"], cwd=root, check=True)
-    return root
 
 
 @pytest.fixture(scope="module")
-def env(repo) -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: <repo>/mlflow.db
-    env.pop("DVC_EXP_NAME", None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
+def repo(tmp_path_factory):
+    return repository_copy(tmp_path_factory.mktemp("e2e") / "repo", "demo", shrink)
 
 
-def test_repro_then_experiment(repo, env):
+def test_repro_then_experiment(repo, monkeypatch):
+    env = environment()
     demo = repo / "pipelines/demo"
     out = run(["dvc", "repro"], demo, env)
     assert stages_run(out) == ["data", "train", "prune", "sparsify", "quantize", "score"]
-    assert "score" in out and "qualifies" in out  # the score table is printed
+    for line in ("train: val accuracy", "prune: ", "sparsify: 50.00% of the eligible weights zero", "quantize: 9-bit",
+                 "score (cifar100, quantize): accuracy"):
+        assert line in out, line  # every stage says in one line what it did
+
+    # The score stage's figures are the counter's figures for the saved checkpoint, and its accuracy is the
+    # checkpoint's on the test split.
+    from micronet.checkpoint import load_model
+    from micronet.config import load_params
+    from micronet.data import build_splits
+    from micronet.scoring import count
+    from micronet.training import Runtime, evaluate, make_loader
 
     score = json.loads((demo / "metrics/score.json").read_text())
-    for key in ("accuracy", "params", "flops", "score", "qualifies"):
-        assert key in score
-    assert 0.0 <= score["accuracy"] <= 1.0 and score["total"] == 200
-    assert score["quantized"] and score["score"] == pytest.approx(score["params"] / 36.5e6 + score["flops"] / 10.49e9)
-    assert (demo / "metrics/score_layers.txt").read_text().count("\n") > 20
+    model, _ = load_model(demo / "models/quantize.pt")
+    counted = count(model, (3, 32, 32), freebie=True)
+    assert score["params"] == counted.params and score["flops"] == counted.flops
+    assert score["score"] == pytest.approx(counted.score("cifar100"), rel=1e-6)
+    assert score["score"] == float(f"{score['score']:.6g}")  # 6 significant digits in the metrics file
+    monkeypatch.chdir(demo)
+    params = load_params(demo / "params.yaml")
+    test = build_splits(params.data).test
+    cpu = Runtime(torch.device("cpu"))
+    result = evaluate(model, make_loader(test, 100, cpu, train=False, workers=0), cpu)
+    assert (score["correct"], score["total"]) == (result.correct_top1, 200)
+    assert score["qualifies"] is (result.correct_top1 >= 0.8 * 200)
+    assert (demo / "metrics/score_layers.txt").read_text().startswith("name")
 
     prune = json.loads((demo / "metrics/prune.json").read_text())
     assert abs(prune["rate"] - 0.4) <= 0.02 and prune["parameters"] < prune["parameters_before"]
+    assert set(prune) == {"rate", "parameters", "parameters_before", "val_accuracy"}  # measured numbers only
 
     # The final checkpoint has the sparsity and bit widths the params asked for.
     ckpt = torch.load(demo / "models/quantize.pt", map_location="cpu", weights_only=True)
     assert ckpt["quantization"]["weight_bits"] == 9 and ckpt["quantization"]["activation_bits"] == 12
-    sparse = json.loads((demo / "metrics/sparsify.json").read_text())
     layers = json.loads((demo / "metrics/sparsify_layers.json").read_text())
-    assert layers["conv1"]["zeros"] == 0 and sparse["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert layers["conv1"]["zeros"] == 0
     eligible = [n for n in layers if n != "conv1"]
     zeros = sum((ckpt["state_dict"][f"{n}.weight"] == 0).sum().item() for n in eligible)
     total = sum(ckpt["state_dict"][f"{n}.weight"].numel() for n in eligible)
     assert zeros / total == pytest.approx(0.5, abs=0.01)
-    assert (ckpt["state_dict"]["layer1.0.conv2.weight"] != 0).any()
 
     shown = run(["dvc", "metrics", "show"], demo, env)
-    assert "metrics/score.json" in shown and "accuracy" in shown and "flops" in shown
+    assert "metrics/score.json" in shown and "../../metrics" not in shown and "ERROR" not in shown
 
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
     experiment = client.get_experiment_by_name("demo-wave-pyramidnet")
+    assert client.get_experiment("0").lifecycle_stage == "deleted"  # no empty "Default" left behind
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     assert len(parents) == 1
-    children = sorted(r.info.run_name for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parents[0].info.run_id)
+    parent = parents[0]
+    assert parent.info.run_name.startswith("wave-") and parent.data.tags["micronet.pipeline"] == "wave"
+    assert len(parent.data.tags[MLFLOW_GIT_COMMIT]) == 40
+    assert parent.data.tags["qualifies"] == str(score["qualifies"]).lower()
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent.info.run_id)
     assert children == ["prune", "quantize", "score", "sparsify", "train"]
     for key in ("accuracy", "params", "flops", "score"):
-        assert parents[0].data.metrics[key] == pytest.approx(score[key])
+        assert parent.data.metrics[key] == pytest.approx(score[key])
     train_run = next(r for r in runs if r.info.run_name == "train")
     assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"train.json", "train.csv", "train.png"} <= artifacts
+    assert not list(repo.rglob("mlruns"))
+
+    # A code change re-runs the stages that import it: scoring.py is used by quantize (BN folding) and score.
+    with open(repo / "micronet/scoring.py", "a") as f:
+        f.write("\n# touched\n")
+    status = run(["dvc", "status"], demo, env)
+    changed = {s for s in ("data", "train", "prune", "sparsify", "quantize", "score") if f"{s}:" in status}
+    assert changed == {"quantize", "score"}, status
+    run(["git", "checkout", "micronet/scoring.py"], repo, env)
 
     # Change one knob: only the stages downstream of prune run again.
     run(["git", "add", "-A"], repo, env)
@@ -120,7 +114,14 @@ def test_repro_then_experiment(repo, env):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
     assert len(parents) == 2
-    # the experiment's parent run is keyed by the name DVC gave the experiment
-    exp_parent = next(p for p in parents if not p.data.tags["micronet.pipeline_run"].startswith("params-"))
+    # the experiment's parent run is named after the experiment DVC ran
+    exp_parent = next(p for p in parents if not p.info.run_name.startswith("wave-"))
     exp_children = sorted(r.info.run_name for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == exp_parent.info.run_id)
     assert exp_children == ["prune", "quantize", "score", "sparsify"]
+
+    # The README's short view of the experiments fits a terminal and keeps what a run scored.
+    shown = run(["make", "-s", "exp-show", "UV=/usr/bin/true", "RUN="], repo, env)
+    assert max(len(line) for line in shown.splitlines()) <= 160, shown
+    header = next(line for line in shown.splitlines() if "Experiment" in line)
+    assert all(column in header for column in ("accuracy", "score", "prune.rate")), shown
+    assert shown.count("0.5 ") + shown.count("0.5\u2009") >= 1 or "0.5" in shown

@@ -190,3 +190,10 @@ def test_import_command_writes_checkpoint(tmp_path, kaist_state):
 
     result = CliRunner().invoke(cli(), ["wave", str(src), "--arch", "kaist_micronet_v1", "--output", str(out)])
     assert isinstance(result.exception, MicronetError) and "known: kaist" in str(result.exception)
+
+
+def test_the_command_names_every_importer():
+    from micronet.importers import IMPORTERS
+    from stages import import_checkpoint
+
+    assert tuple(IMPORTERS) == import_checkpoint.IMPORTERS

@@ -3,21 +3,28 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from micronet.config import TrackingConfig
+from micronet.config import load_params
 from micronet.paths import repository_root
 from micronet.tracking import stage_run, tracking_uri
 
 
 def test_default_store_is_an_absolute_sqlite_file_at_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    (tmp_path / ".dvc").mkdir()
-    (tmp_path / "pipelines" / "demo").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "pipelines" / "demo" / ".dvc").mkdir(parents=True)  # each pipeline is a DVC project of its own
     monkeypatch.chdir(tmp_path / "pipelines" / "demo")
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    # DVC's queued/temp experiments run in a copy under .dvc/tmp/exps: still the original store
-    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123" / "pipelines" / "demo"
-    copy.mkdir(parents=True)
-    assert repository_root(copy) == tmp_path.resolve()
+    # DVC's queued/temp experiments run in a copy of the git repository under <pipeline>/.dvc/tmp/exps
+    copy = tmp_path / "pipelines" / "demo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (copy / "pipelines" / "demo" / ".dvc").mkdir(parents=True)
+    (copy / ".git").write_text("gitdir: elsewhere\n")
+    assert repository_root(copy / "pipelines" / "demo") == tmp_path.resolve()
+    # the root pipeline's copies live under <root>/.dvc/tmp/exps
+    (tmp_path / ".dvc").mkdir()
+    root_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpdef456"
+    (root_copy / ".dvc").mkdir(parents=True)
+    (root_copy / ".git").write_text("gitdir: elsewhere\n")
+    assert repository_root(root_copy) == tmp_path.resolve()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
     assert tracking_uri() == "sqlite:////elsewhere/x.db"
 
@@ -25,14 +32,15 @@ def test_default_store_is_an_absolute_sqlite_file_at_the_repository_root(tmp_pat
 def test_stages_are_child_runs_of_one_parent_per_pipeline_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text("a: 1\n")
-    cfg = TrackingConfig(experiment="exp")
-    with stage_run("train", cfg, {"a": 1}, params_file) as track:
+    params_file.write_text("tracking: {experiment: exp, pipeline: kaist}\ntrain_b0: {epochs: 3}\n")
+    params = load_params(params_file)
+    with stage_run("train", params, params_file) as track:
         track.log_metrics({"val_acc": 0.5}, step=1)
-    with stage_run("score", cfg, {"a": 1}, params_file) as track:
+    with stage_run("score", params, params_file) as track:
         track.log_metrics({"score": 0.1}, parent=True)
+        track.set_tags({"qualifies": "false"}, parent=True)
     monkeypatch.setenv("DVC_EXP_NAME", "curly-exp")
-    with stage_run("score", cfg, {"a": 1}, params_file) as track:
+    with stage_run("score", params, params_file) as track:
         track.log_metrics({"score": 0.2}, parent=True)
 
     client = MlflowClient(tracking_uri())
@@ -48,14 +56,17 @@ def test_stages_are_child_runs_of_one_parent_per_pipeline_run(tmp_path, monkeypa
     mine = [c.info.run_name for c in children if c.data.tags[MLFLOW_PARENT_RUN_ID] == first.info.run_id]
     assert sorted(mine) == ["score", "train"]
     assert first.data.metrics["score"] == 0.1 and by_name["curly-exp"].data.metrics["score"] == 0.2
-    assert first.data.params["a"] == "1"
+    assert first.info.run_name.startswith("kaist-") and first.data.tags["micronet.pipeline"] == "kaist"
+    assert first.data.tags["qualifies"] == "false"
+    assert first.data.params["tracking.experiment"] == "exp" and first.data.params["train_b0.epochs"] == "3"
+    assert client.get_experiment("0").lifecycle_stage == "deleted"  # no empty "Default" experiment left
     assert all(c.info.status == "FINISHED" for c in children)
 
 
 def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("a: 1\n")
-    with stage_run("train", TrackingConfig(enabled=False), {}, tmp_path / "params.yaml") as track:
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+    with stage_run("train", load_params(tmp_path / "params.yaml"), tmp_path / "params.yaml") as track:
         assert not track.active
         track.log_metrics({"x": 1.0})
     assert not (tmp_path / "mlflow.db").exists()
@@ -64,11 +75,12 @@ def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
 def test_untracked_data_is_found_from_a_dvc_experiment_copy(tmp_path, monkeypatch):
     from micronet.paths import untracked_input
 
-    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "pipelines/demo/.dvc").mkdir(parents=True)
     (tmp_path / "pipelines/demo/data/cifar100").mkdir(parents=True)
-    copy = tmp_path / ".dvc/tmp/exps/run/0a1b2c"
-    (copy / ".dvc").mkdir(parents=True)
-    (copy / "pipelines/demo").mkdir(parents=True)
+    copy = tmp_path / "pipelines/demo/.dvc/tmp/exps/tmp0a1b2c"
+    (copy / ".git").mkdir(parents=True)
+    (copy / "pipelines/demo/.dvc").mkdir(parents=True)
     monkeypatch.chdir(copy / "pipelines/demo")
     assert untracked_input("data/cifar100") == tmp_path.resolve() / "pipelines/demo/data/cifar100"
     assert untracked_input("data/other") == Path("data/other")  # nothing there either: unchanged

@@ -10,8 +10,8 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import TensorDataset
 
-from micronet.config import OptimConfig, ScheduleConfig
-from micronet.training import Runtime, fit, lr_multiplier
+from micronet.config import OptimConfig
+from micronet.training import Runtime, fit
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"))
@@ -28,20 +28,6 @@ def blobs(n: int = 256, seed: int = 0) -> TensorDataset:
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-
-def test_schedules():
-    assert lr_multiplier(ScheduleConfig(kind="constant"), 5, 10) == 1.0
-    step = ScheduleConfig(kind="step", milestones=[0.5, 0.75], gamma=0.1)
-    assert [round(lr_multiplier(step, e, 200), 6) for e in (0, 99, 100, 149, 150)] == [1, 1, 0.1, 0.1, 0.01]
-    cosine = ScheduleConfig(kind="cosine")
-    assert lr_multiplier(cosine, 0, 10) == 1.0 and lr_multiplier(cosine, 5, 10) == pytest.approx(0.5)
-    warm = ScheduleConfig(kind="cosine", warmup_epochs=5)
-    assert lr_multiplier(warm, 0, 100) == pytest.approx(0.2)
-    pyramid = ScheduleConfig(kind="pyramid")
-    assert lr_multiplier(pyramid, 449, 1800) == 1.0
-    assert lr_multiplier(pyramid, 450, 1800) == pytest.approx(0.1)
-    assert lr_multiplier(pyramid, 900, 1800) == pytest.approx(0.01 * 0.2)
 
 
 def test_fit_learns_and_keeps_the_best_validation_epoch():
@@ -110,8 +96,16 @@ def test_train_stage_under_torchrun_two_cpu_processes(tmp_path):
     import json
 
     summary = json.loads((tmp_path / "m.json").read_text())
-    assert summary["processes"] == 2
-    assert (tmp_path / "m.pt").is_file() and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert "2 processes -> m.pt" in proc.stdout
+    # the reported accuracy is the saved model's on the validation split (both processes agreed on one model)
+    from micronet.checkpoint import load_model
+    from micronet.config import load_params
+    from micronet.data import build_splits
+    from micronet.training import evaluate, make_loader
+
+    model, _ = load_model(tmp_path / "m.pt")
+    val = build_splits(load_params(tmp_path / "params.yaml").data).val
+    assert summary["val_accuracy"] == evaluate(model, make_loader(val, 40, CPU, train=False, workers=0), CPU).top1
 
 
 def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):

@@ -44,7 +44,8 @@ def range_bound(x: torch.Tensor, method: str, sigmas: float) -> float:
 
 class ActivationQuantizer(nn.Module):
     """Rounds activations to `activation_bits` with a calibrated power-of-two exponent. While calibrating it
-    passes values through and tracks an EMA of their mean and std."""
+    tracks an EMA of their mean and std and, as Wave's SigmaMax quantizers do, already rounds with the exponent
+    those statistics give, so later layers calibrate on the quantized values they will see."""
 
     def __init__(self, bits: int, sigmas: float = 18.0, method: str = "sigmamax", momentum: float = 0.01):
         super().__init__()
@@ -59,7 +60,7 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self._observe(x)
-            return x
+            self.exponent.fill_(power_of_two_exponent(self.bound(), self.activation_bits))
         return quantize_tensor(x, self.activation_bits, int(self.exponent))
 
     def _observe(self, x: torch.Tensor) -> None:
@@ -72,11 +73,14 @@ class ActivationQuantizer(nn.Module):
             self._std += self.momentum * (std - self._std)
         self._max = max(self._max, float(x.abs().max()))
 
+    def bound(self) -> float:
+        """SigmaMax: |mean| + k * std of the running statistics; or the largest |x| seen."""
+        return self._max if self.method == "max" else abs(self._mean) + self.sigmas * self._std
+
     def finish_calibration(self) -> None:
         if self._mean is None:
             raise MicronetError("an activation quantizer saw no data during calibration")
-        bound = self._max if self.method == "max" else abs(self._mean) + self.sigmas * self._std
-        self.exponent.fill_(power_of_two_exponent(bound, self.activation_bits))
+        self.exponent.fill_(power_of_two_exponent(self.bound(), self.activation_bits))
         self.calibrating = False
 
     def extra_repr(self) -> str:
@@ -148,10 +152,49 @@ def quantize_weights(model: nn.Module, bits: int, method: str = "sigmamax", sigm
     return exponents
 
 
-def activation_points(model: nn.Module) -> list[str]:
-    """Where activations get quantized: the network input ("") and every conv, linear, BN and pool output."""
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
+
+
+def layer_activation_points(model: nn.Module) -> list[str]:
+    """The network input ("") and every conv, linear, BN and pool output."""
     pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
     return [""] + [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZED_LAYERS + pools)]
+
+
+@torch.no_grad()
+def computed_activation_points(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Wave quantizes the input and the output of every leaf module (conv, BN, ReLU, ShakeDrop, pool, linear).
+    Generalized: the input and the output of every module whose forward computes its output itself, rather than
+    returning its input or a submodule's output. That covers every leaf, and residual blocks whose sum is made in
+    their own forward (so the next block reads activation-width values, not a 32-bit sum). Found with one pass."""
+    calls: dict[str, tuple[tuple, object]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:  # returns None: the output stays
+            calls.setdefault(name, (args, output))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    points = [""]
+    for name, module in model.named_modules():
+        if not name or name not in calls or isinstance(module, PASS_THROUGH):
+            continue
+        args, out = calls[name]
+        if not isinstance(out, torch.Tensor) or any(out is a for a in args):
+            continue
+        children = [f"{name}.{child}" for child, _ in module.named_children()]
+        if any(c in calls and calls[c][1] is out for c in children):
+            continue
+        points.append(name)
+    return points
 
 
 def add_activation_quantizers(model: nn.Module, names: list[str], bits: int, **kwargs: Any) -> None:
@@ -212,8 +255,11 @@ def quantize_model(
     weight_sigmas: float = 10.0,
     activation_sigmas: float = 18.0,
     momentum: float = 0.01,
+    points: str = "every_op",
+    example: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
-    """Post-training quantization (no retraining), in the Wave order: fold BN, round weights, calibrate."""
+    """Post-training quantization (no retraining), in the Wave order: fold BN, round weights, calibrate.
+    `points`: every_op (Wave; needs one `example` input to find them) or layers."""
     model.eval()
     folded = fold_batchnorms(model, fold_pairs)
     for m in model.modules():
@@ -221,7 +267,12 @@ def quantize_model(
             batchnorm_to_affine(m)
     exponents = quantize_weights(model, weight_bits, method, weight_sigmas)
     weight_layers = [n for n, m in model.named_modules() if hasattr(m, "weight_bits")]
-    names = activation_points(model)
+    if points == "every_op":
+        if example is None:
+            raise MicronetError("activation_points every_op needs an example input to find the computed outputs")
+        names = computed_activation_points(model, example)
+    else:
+        names = layer_activation_points(model)
     add_activation_quantizers(
         model, names, activation_bits, sigmas=activation_sigmas, method=method, momentum=momentum
     )

@@ -24,8 +24,12 @@ def prunable_weights(model: nn.Module, exclude: list[str] = ()) -> dict[str, nn.
     }
 
 
-def step_rates(rate: float, steps: int) -> list[float]:
-    """Sparsity after each step, removing the same fraction of what remains each time (1-(1-r)^(k/n))."""
+def step_rates(rate: float, steps: int, schedule: str = "geometric", min_rate: float = 0.0) -> list[float]:
+    """Rate after each step. geometric (Wave): each step removes the same fraction of what remains,
+    1-(1-r)^(k/n). linear (KAIST's iterative pruning): r_k = min*(n-k)/n + max*k/n for k = 1..n, e.g.
+    0 -> 0.6 in 4 rounds gives 0.15, 0.30, 0.45, 0.60."""
+    if schedule == "linear":
+        return [min_rate * (steps - k) / steps + rate * k / steps for k in range(1, steps + 1)]
     return [1.0 - (1.0 - rate) ** ((k + 1) / steps) for k in range(steps)]
 
 

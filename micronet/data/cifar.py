@@ -9,11 +9,11 @@ import hashlib
 import json
 import pickle
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import ConcatDataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.vision import StandardTransform
@@ -34,8 +34,12 @@ SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written by write_synthet
 # --- transforms ----------------------------------------------------------------------------------------
 
 
-def build_transform(aug: Optional[AugmentConfig], train: bool) -> Callable:
-    """Wave's order: FAA (PIL) -> RandomCrop -> HFlip -> ToTensor -> Normalize -> Cutout (tensor).
+def build_transform(
+    aug: Optional[AugmentConfig], train: bool, mean: Sequence[float] = CIFAR100_MEAN,
+    std: Sequence[float] = CIFAR100_STD, size: int = 32,
+) -> Callable:
+    """FAA (PIL) -> colour jitter -> random-resized or padded crop -> flip -> affine -> ToTensor -> Normalize ->
+    Cutout (tensor). Wave's order is the subset FAA -> RandomCrop -> HFlip -> ToTensor -> Normalize -> Cutout.
 
     Eval is ToTensor -> Normalize. `aug=None` means no augmentation (normalization stays on)."""
     aug = aug if aug is not None else AugmentConfig(crop_padding=0, hflip=False, cutout=0)
@@ -43,16 +47,41 @@ def build_transform(aug: Optional[AugmentConfig], train: bool) -> Callable:
     if train:
         if aug.autoaugment:
             steps.append(FastAutoAugment(load_policy(aug.autoaugment)))
-        if aug.crop_padding > 0:
-            steps.append(T.RandomCrop(32, padding=aug.crop_padding))
+        for strength, jitter in ((aug.brightness, "brightness"), (aug.contrast, "contrast")):
+            if strength > 0:  # one draw per property, each applied with p_lighting (fastai's brightness/contrast)
+                steps.append(T.RandomApply([T.ColorJitter(**{jitter: strength})], p=aug.p_lighting))
+        if aug.random_resized_crop is not None:
+            rrc = aug.random_resized_crop
+            steps.append(T.RandomResizedCrop(size, scale=rrc.scale, ratio=rrc.ratio))
+        elif aug.crop_padding > 0:
+            steps.append(T.RandomCrop(size, padding=aug.crop_padding, fill=aug.crop_fill,
+                                      padding_mode=aug.crop_padding_mode))
         if aug.hflip:
             steps.append(T.RandomHorizontalFlip())
+        steps += _affine(aug, size)
     steps.append(T.ToTensor())
     if aug.normalize:
-        steps.append(T.Normalize(CIFAR100_MEAN, CIFAR100_STD))
+        steps.append(T.Normalize(mean, std))
     if train and aug.cutout > 0:
         steps.append(Cutout(aug.cutout))
     return T.Compose(steps)
+
+
+def _affine(aug: AugmentConfig, size: int) -> list[Callable]:
+    """fastai v1's rotate / zoom / symmetric warp, each with probability p_affine, with a reflected border: the
+    image is reflect-padded, transformed, and centre-cropped back. torchvision's RandomPerspective stands in for
+    fastai's symmetric_warp (it moves the four corners independently rather than in mirrored pairs)."""
+    ops: list[Callable] = []
+    if aug.rotate > 0:
+        ops.append(T.RandomApply([T.RandomRotation(aug.rotate)], p=aug.p_affine))
+    if aug.zoom > 1:
+        ops.append(T.RandomApply([T.RandomAffine(0, scale=(1.0, aug.zoom))], p=aug.p_affine))
+    if aug.warp > 0:
+        ops.append(T.RandomPerspective(aug.warp, p=aug.p_affine))
+    if not ops:
+        return []
+    border = size // 4
+    return [T.Pad(border, padding_mode="reflect"), *ops, T.CenterCrop(size)]
 
 
 # --- datasets ------------------------------------------------------------------------------------------
@@ -106,6 +135,13 @@ def ensure_cifar100(cfg: DataConfig) -> None:
     """Before a stage starts its worker processes: download once (data.download) or fail fast in one line,
     rather than in every rank."""
     root = untracked_input(cfg.root)
+    if cfg.synthetic is not None:
+        synth = cfg.synthetic
+        manifest = synthetic_manifest(root)
+        wanted = {"seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
+        if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
+            write_synthetic_cifar100(root, synth.train, synth.test, synth.seed)
+        return
     if cfg.download:
         for train in (True, False):
             load_cifar100(root, train=train, download=True)
@@ -122,14 +158,19 @@ def _with_transform(ds: CIFAR100, transform: Callable) -> CIFAR100:
 
 
 def cifar100_splits(cfg: DataConfig) -> Splits:
-    """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
-    train_tf, eval_tf = build_transform(cfg.augment, train=True), build_transform(cfg.augment, train=False)
-    full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=train_tf)
+    """Train (train transform; one view per entry of data.copies), val held out of the training file (eval
+    transform), test (eval transform)."""
+    mean, std = cfg.mean or CIFAR100_MEAN, cfg.std or CIFAR100_STD
+    size = cfg.image_size or 32
+    augments = list(cfg.copies) or [cfg.augment]
+    eval_tf = build_transform(cfg.augment, train=False, mean=mean, std=std, size=size)
+    full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=eval_tf)
     train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
     test = load_cifar100(cfg.root, train=False, download=False, transform=eval_tf)
-    full_eval = _with_transform(full, eval_tf)
-    val = Subset(full_eval, val_idx) if val_idx else None
-    return Splits(train=Subset(full, train_idx), val=val, test=test, train_eval=Subset(full_eval, train_idx))
+    copies = [Subset(_with_transform(full, build_transform(aug, True, mean, std, size)), train_idx) for aug in augments]
+    train = copies[0] if len(copies) == 1 else ConcatDataset(copies)
+    val = Subset(full, val_idx) if val_idx else None
+    return Splits(train=train, val=val, test=test, train_eval=Subset(full, train_idx), augments=augments)
 
 
 # --- synthetic data ------------------------------------------------------------------------------------

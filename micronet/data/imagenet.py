@@ -121,7 +121,15 @@ def imagenet_num_classes(cfg: DataConfig) -> int:
 
 
 def ensure_imagenet(cfg: DataConfig) -> None:
-    """Fail fast, in one line, before a stage starts its worker processes."""
+    """Fail fast, in one line, before a stage starts its worker processes; with data.synthetic, write the
+    synthetic set first if `root` does not hold it (the toy run)."""
+    if cfg.synthetic is not None:
+        synth, root = cfg.synthetic, untracked_input(cfg.root)
+        wanted = {"seed": synth.seed, "classes": synth.classes, "train_per_class": synth.train,
+                  "val_per_class": synth.test, "size": synth.size}
+        manifest = synthetic_imagenet_manifest(root)
+        if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
+            write_synthetic_imagenet(root, synth.classes, synth.train, synth.test, synth.size, synth.seed)
     if cfg.download:
         raise MicronetError(f"ImageNet cannot be downloaded (data.download: true); put it at {cfg.root} as {LAYOUT} "
                             "and set data.download: false")

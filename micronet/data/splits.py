@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -13,10 +13,11 @@ from micronet.errors import MicronetError
 
 @dataclass
 class Splits:
-    train: Subset  # training images, train transform (augmented)
+    train: Dataset  # training images, train transform (augmented); a ConcatDataset of one view per data.copies entry
     val: Optional[Subset]  # held out of the training file, eval transform; None when data.val_size is 0
-    test: Dataset  # the test file, eval transform
+    test: Dataset  # the test file (CIFAR) or the official val set (ImageNet), eval transform
     train_eval: Subset  # the training images with the eval transform: calibration or scoring without val
+    augments: list = field(default_factory=list)  # the AugmentConfig of each training view, in order
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:

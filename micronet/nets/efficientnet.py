@@ -188,3 +188,11 @@ def efficientnet_ex(num_classes: int = 100, drop_connect: float = 0.0, dropout: 
 def efficientnet_exx(num_classes: int = 100, drop_connect: float = 0.0, dropout: float = 0.0) -> EfficientNetCifar:
     """Width 0.8, depth 0.7 (one 152-channel block fewer): 2,418,650 parameters."""
     return EfficientNetCifar(0.8, 0.7, num_classes, drop_connect, dropout)
+
+
+@register_model
+def efficientnet_cifar(
+    num_classes: int = 100, width: float = 1.0, depth: float = 1.0, drop_connect: float = 0.0, dropout: float = 0.0
+) -> EfficientNetCifar:
+    """Any width/depth of the 32x32 family (thin ones for toy runs of the teacher chain)."""
+    return EfficientNetCifar(width, depth, num_classes, drop_connect, dropout)

@@ -75,3 +75,9 @@ class WideResNet(nn.Module):
 def fastai_wrn22_6(num_classes: int = 100) -> WideResNet:
     """WRN-22-6 as fastai builds it (num_groups 3, N 3, k 6, no dropout): the fastai submission's network."""
     return WideResNet(num_groups=3, N=3, num_classes=num_classes, k=6, drop_p=0.0)
+
+
+@register_model
+def fastai_wrn(num_classes: int = 100, num_groups: int = 3, n: int = 3, k: int = 6, drop_p: float = 0.0) -> WideResNet:
+    """fastai v1's WideResNet of any size (`n` blocks per group, width factor `k`), e.g. thin ones for toy runs."""
+    return WideResNet(num_groups=num_groups, N=n, num_classes=num_classes, k=k, drop_p=drop_p)

@@ -1,0 +1,61 @@
+"""Helpers for the end-to-end tests: a committed copy of the repository with a pipeline's toy params shrunk further,
+DVC runs in it, and the stages DVC reports running."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w@-]+)'", output)
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: <repo>/mlflow.db
+    env.pop("DVC_EXP_NAME", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               OMP_NUM_THREADS="2")
+    return env
+
+
+def repository_copy(root: Path, pipeline: str, shrink: Optional[Callable[[dict], None]] = None) -> Path:
+    """A committed copy of this repository (tracked and untracked-not-ignored files, no pipeline outputs) whose
+    `pipelines/<pipeline>/params.yaml` is passed through `shrink`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        parts = name.split("/")
+        if parts[0] == "pipelines" and len(parts) > 2 and parts[2] in ("data", "models", "metrics", "dvc.lock"):
+            continue
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    if shrink is not None:
+        path = root / "pipelines" / pipeline / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        shrink(params)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=root, check=True)
+    return root
