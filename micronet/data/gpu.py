@@ -72,14 +72,12 @@ def gpu_supported(augment: Optional[AugmentConfig]) -> tuple[bool, str]:
 # --- batched pixel ops: images are (B, C, H, W), uint8 unless said otherwise ------------------------------
 
 
-def _gather_pixels(images: Tensor, source: Tensor, fill: Union[float, Tensor] = 0) -> Tensor:
-    """out[b, :, p] = images[b, :, source[b, p]] over flattened H*W positions; source < 0 gives `fill`
-    (a scalar or one value per channel)."""
+def _gather_pixels(images: Tensor, source: Tensor, fill: float = 0) -> Tensor:
+    """out[b, :, p] = images[b, :, source[b, p]] over flattened H*W positions; source < 0 gives `fill`."""
     b, c, h, w = images.shape
     flat = images.reshape(b, c, h * w)
     out = flat.gather(2, source.clamp(min=0).long()[:, None, :].expand(b, c, h * w))
-    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1, 1)
-    return torch.where(source[:, None, :] < 0, fill, out).reshape(b, c, h, w)
+    return out.masked_fill_(source[:, None, :] < 0, fill).reshape(b, c, h, w)
 
 
 def _reflect(coords: Tensor, size: int) -> Tensor:
@@ -123,12 +121,13 @@ def draw_crop_flip(
     return top, left, flip
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """T.ToTensor (uint8 / 255) then T.Normalize, with the same float32 arithmetic (bit-identical)."""
+def normalize(images: Tensor, mean: Union[Sequence[float], Tensor], std: Union[Sequence[float], Tensor]) -> Tensor:
+    """T.ToTensor (uint8 / 255) then T.Normalize, with the same float32 arithmetic (bit-identical). Pass
+    mean/std as device tensors in a loop: building them from Python numbers copies to the device and waits."""
     x = images.to(torch.float32).div(255) if images.dtype == torch.uint8 else images
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x.sub(mean_t).div(std_t)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub(mean).div(std)
 
 
 def cutout(images: Tensor, size: int, centre_y: Tensor, centre_x: Tensor) -> Tensor:
@@ -222,6 +221,7 @@ class _OpTable:
             side=torch.tensor(self.side, dtype=torch.float64, device=device),
             maps=torch.from_numpy(np.stack(self._maps)).to(device),
             luts=torch.from_numpy(np.stack(self._luts)).to(device),
+            gray=torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=device).view(1, -1, 1, 1),
         )
 
 
@@ -234,6 +234,7 @@ class _DeviceOpTable:
     side: Tensor  # (R,) FAA Cutout side in pixels (0 = none)
     maps: Tensor  # (M, H*W) int32 source pixel, -1 = black
     luts: Tensor  # (L, 256) uint8
+    gray: Tensor  # (1, 3, 1, 1) uint8 fill of FAA's Cutout
 
 
 def _luma(images: Tensor) -> Tensor:
@@ -258,8 +259,9 @@ def _equalize_lut(images: Tensor) -> Tensor:
     Image.point does)."""
     b, c = images.shape[:2]
     flat = images.reshape(b * c, -1).long()
-    rows = torch.arange(b * c, device=images.device)[:, None] * 256
-    hist = torch.bincount((flat + rows).reshape(-1), minlength=b * c * 256).reshape(b * c, 256)
+    # scatter_add_, not bincount: bincount reads its maximum back to the host, a sync per batch on CUDA.
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=images.device)
+    hist.scatter_add_(1, flat, torch.ones((), dtype=torch.long, device=images.device).expand_as(flat))
     last = hist.gather(1, flat.amax(1, keepdim=True))[:, 0]  # count of the highest level present
     step = (flat.shape[1] - last) // 255
     before = hist.cumsum(1) - hist  # pixels below each level
@@ -319,8 +321,7 @@ def _apply_rows(images: Tensor, table: _DeviceOpTable, rows: Tensor, centres: Te
     ys = torch.arange(h, device=images.device, dtype=torch.float64)
     box = (((ys >= y0[:, None]) & (ys < y1[:, None]))[:, :, None]
            & ((xs >= x0[:, None]) & (xs < x1[:, None]))[:, None, :])[:, None]
-    gray = torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=images.device).view(1, c, 1, 1)
-    return torch.where(box, gray, images)
+    return torch.where(box, table.gray, images)
 
 
 def apply_faa_op(images: Tensor, op: str, values: Sequence[float], centres: Optional[Tensor] = None) -> Tensor:
@@ -395,7 +396,9 @@ class GpuAugment:
         ok, reason = gpu_supported(augment)
         if not ok:
             raise MicronetError(reason)
-        self.augment, self.mean, self.std = augment, tuple(mean), tuple(std)
+        self.augment = augment
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
         policy = load_policy(augment.autoaugment) if augment.autoaugment else None
         self.faa = BatchedFastAutoAugment(policy, image_size, device) if policy else None
 
@@ -544,7 +547,11 @@ class GpuCifarLoader:
         n_groups = len(self.augments)
         order = torch.sort(batch * n_groups + group, stable=True).indices  # batches keep their images, by copy
         counts = torch.bincount(batch * n_groups + group, minlength=len(self) * n_groups).view(-1, n_groups)
-        rows = bank_row[order].to(self.device)  # one host-to-device copy per epoch
+        rows = bank_row[order]
+        if self.device.type == "cuda":  # pinned, so the copy does not wait for the device (no host sync)
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        else:
+            rows = rows.to(self.device)
         counts = counts.tolist()
         generator = self._generator()
         start = 0
