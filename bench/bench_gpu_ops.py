@@ -2,9 +2,10 @@
 DataLoader with 0 and 2 workers) against the batched device path (micronet.data.gpu), on CPU and on CUDA
 when there is one.
 
-Run: python bench/bench_gpu_ops.py [--n 5000] [--batch 512] [--repeats 3]. Data: synthetic CIFAR-100 in the
+Run: python bench/bench_gpu_ops.py [--n 5000] [--batch 512] [--repeats 3] [--threads N]. Data: synthetic CIFAR-100 in the
 real format (write_synthetic_cifar100), read by the same dataset class training uses. Each figure is the
-median of --repeats timed epochs after one untimed epoch (workers persistent, so their start is not timed).
+best of --repeats timed epochs after one untimed epoch (workers persistent, so their start is not timed):
+on a shared machine the best run is the one least slowed by others.
 "augment" times GpuAugment alone on batches already on the device; "loader" times a whole GpuCifarLoader
 epoch (shuffle, gather, augment, normalize).
 """
@@ -12,7 +13,6 @@ epoch (shuffle, gather, augment, normalize).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 import warnings
@@ -45,7 +45,7 @@ def images_per_second(run_epoch: Callable[[], int], repeats: int, device: torch.
         n = run_epoch()
         _sync(device)
         rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return max(rates)
 
 
 def bench_workers(root: str, augment: AugmentConfig, batch: int, workers: int, repeats: int) -> float:
@@ -101,7 +101,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000, help="training images")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the batched path")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"{args.n} images, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"devices: {', '.join(str(d) for d in devices)}")

@@ -26,6 +26,11 @@ What matches the worker path, and how closely:
 - Colour jitter, random-resized crop and fastai's rotate/zoom/warp have no batched version here:
   `gpu_supported` says so, and such configs stay on the worker path.
 
+Cost: to keep the host from waiting on the device, every kind of FAA op (gather, table, blend, Cutout) runs
+over the whole batch with the identity for the images of other kinds, a few hundred small kernels per batch:
+cheap on a GPU, slower than PIL workers on a CPU (bench/bench_gpu_ops.py). No step reads a device value back
+to the host, so one epoch makes one pinned host-to-device copy (its order) and no synchronization.
+
 Determinism: the epoch's order is DistributedSampler's (a CPU permutation seeded with seed + epoch, the same
 on every device); augmentation draws from a device generator seeded with (seed, epoch, rank), so the same
 seed gives the same batches on one kind of device. CPU and CUDA generators differ, so augmentation draws
@@ -436,8 +441,9 @@ class GpuCifarLoader:
     `groups`: one (uint8 (N, H, W, 3) images, (N,) labels, AugmentConfig) per copy of the training set; an
     epoch is one pass over all copies (like a ConcatDataset), shuffled together. Groups that pass the same
     images object share one copy on the device. Sharding follows DistributedSampler(shuffle, seed,
-    drop_last) over the concatenation, so a rank's batches hold the same indices as the worker path's
-    distributed sampler; within a batch the images come grouped by copy."""
+    drop_last) over the concatenation, so a rank's batches hold the indices DistributedSampler would give
+    it; within a batch the images come grouped by copy. `set_epoch` reseeds both the order and the
+    augmentation, so replaying an epoch (resume) gives the same batches."""
 
     def __init__(
         self,
