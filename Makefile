@@ -7,8 +7,10 @@ RUN := $(UV) run --frozen --python $(PYTHON)
 PIPELINE ?= demo
 PIPELINE_DIR := pipelines/$(PIPELINE)
 MLFLOW_PORT ?= 5000
-# The columns `make exp-show` keeps: what a run scored, and the params people change.
-EXP_COLUMNS ?= ^(Experiment|Created|State)$$|(accuracy|val_accuracy|params|flops|score|qualifies|rate|sparsity)$$
+# `make exp-show`: what each run scored (the score stage's headline metrics) and the params that differ between runs;
+# every other metric, and the deps' hashes, are dropped (DVC matches these regexes from the column name's start).
+EXP_HEADLINE := accuracy|params|flops|score|qualifies
+EXP_DROP := (?!.*\.)(?!(Experiment|Created|$(EXP_HEADLINE))$$).*|.*[:/].*
 
 .PHONY: help install demo exp-show test test-fast bench report mlflow-ui clean-demo
 
@@ -37,7 +39,8 @@ demo: install
 	@cd $(PIPELINE_DIR) && $(RUN) dvc metrics show && tail -n 8 metrics/score_layers.txt
 
 exp-show: install
-	@cd $(PIPELINE_DIR) && $(RUN) dvc exp show --no-pager --keep '$(EXP_COLUMNS)' --drop '.*' --precision 4
+	@cd $(PIPELINE_DIR) && COLUMNS=$${COLUMNS:-160} $(RUN) dvc exp show --no-pager --only-changed --precision 4 \
+		--drop '$(EXP_DROP)' --keep '($(EXP_HEADLINE))$$'
 
 test: install
 	$(RUN) pytest -q

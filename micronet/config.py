@@ -129,9 +129,11 @@ class ScheduleConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _table_starts_at_one(self) -> "ScheduleConfig":
+    def _consistent(self) -> "ScheduleConfig":
         if self.kind == "table" and 1 not in self.table:
             raise ValueError("schedule.table must give the multiplier of epoch 1 (e.g. {1: 1.0, 26: 0.1})")
+        if self.kind == "onecycle" and self.warmup_epochs:
+            raise ValueError("onecycle warms up itself (pct_start); set schedule.warmup_epochs to 0")
         return self
 
 

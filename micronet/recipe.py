@@ -157,12 +157,27 @@ def class_similarity(weight: torch.Tensor) -> torch.Tensor:
 
 
 def make_mixer(cfg: MixingConfig, num_classes: int):
-    """timm's Mixup for mixup or CutMix, producing one-hot mixtures (label smoothing is applied afterwards)."""
+    """timm's Mixup for mixup or CutMix, producing one-hot mixtures (label smoothing is applied afterwards).
+    timm draws lambda and the boxes from numpy's global generator, which seed_everything seeds."""
     if cfg.kind == "none":
         return None
     from timm.data import Mixup
 
-    return Mixup(
+    class BatchedMixup(Mixup):
+        """Per-image mixup as one batched op (timm loops over the images in Python: one small kernel per image
+        on a GPU). Lambdas, pairing with the flipped batch, targets and the in-place update are timm's."""
+
+        def _mix_elem(self, x: torch.Tensor) -> torch.Tensor:
+            if self.cutmix_alpha > 0 or self.cutmix_minmax is not None:
+                return super()._mix_elem(x)
+            lam, _ = self._params_per_elem(len(x))
+            lam = torch.tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
+            weight = lam.view(-1, *[1] * (x.ndim - 1))
+            flipped = x.flip(0).mul_(1.0 - weight)
+            x.mul_(weight).add_(flipped)
+            return lam
+
+    return BatchedMixup(
         mixup_alpha=cfg.alpha if cfg.kind == "mixup" else 0.0, cutmix_alpha=cfg.alpha if cfg.kind == "cutmix" else 0.0,
         prob=cfg.prob, mode="elem" if cfg.per_sample else "batch", correct_lam=True, label_smoothing=0.0,
         num_classes=num_classes,
@@ -178,6 +193,9 @@ class Criterion:
 
     def __init__(self, loss: LossConfig, mixing: MixingConfig, num_classes: Optional[int] = None,
                  teacher: Optional[nn.Module] = None):
+        if teacher is not None and (loss.label_smoothing or loss.similarity_smoothing):
+            raise MicronetError("a teacher's soft targets replace the labels: set loss.label_smoothing and "
+                                "loss.similarity_smoothing to 0")
         self.cfg, self.teacher = loss, teacher
         self.num_classes = num_classes
         self.mixer = make_mixer(mixing, num_classes) if mixing.kind != "none" else None

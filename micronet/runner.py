@@ -72,14 +72,35 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def training_data(params: Params, recipe: OptimConfig, runtime: Any) -> tuple[Splits, Any]:
+def training_data(params: Params, recipe: OptimConfig, runtime: Any, seed: int = 0) -> tuple[Splits, Any]:
     """The splits for a recipe (its own augmentation if it sets one, else data.augment / data.copies) and what
-    the loop trains on: the training Dataset (DataLoader workers) or the GPU-resident loader (data.loader: gpu)."""
+    the loop trains on: the training Dataset (DataLoader workers) or, with data.loader: gpu, the GPU-resident
+    loader. A recipe whose augmentation has no batched GPU version falls back to workers, and says why."""
     data = params.data
     if recipe.augment is not None:
         data = data.model_copy(update={"augment": recipe.augment, "copies": []})
     splits = build_splits(data)
-    return splits, splits.train
+    if data.loader != "gpu":
+        return splits, splits.train
+    from torch.utils.data import ConcatDataset
+
+    from micronet.data import CIFAR100_MEAN, CIFAR100_STD
+    from micronet.data.gpu import GpuCifarLoader, gpu_supported
+    from micronet.training import precision_of
+
+    for augment in splits.augments:
+        supported, why = gpu_supported(augment)
+        if not supported:
+            print(f"warning: data.loader gpu: {why}; training on DataLoader workers instead", file=sys.stderr)
+            return splits, splits.train
+    copies = splits.train.datasets if isinstance(splits.train, ConcatDataset) else [splits.train]
+    batch = recipe.batch_size or data.batch_size
+    loader = GpuCifarLoader.from_subsets(
+        list(zip(copies, splits.augments)), max(1, batch // runtime.world_size), device=runtime.device,
+        mean=data.mean or CIFAR100_MEAN, std=data.std or CIFAR100_STD, rank=runtime.rank,
+        world_size=runtime.world_size, seed=seed, channels_last=precision_of(recipe, runtime)[1],
+    )
+    return splits, loader
 
 
 def sibling(path: Path, suffix: str) -> Path:

@@ -51,7 +51,7 @@ def prune_command(
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     params_before = count_parameters(model)
-    splits, train_data = runner.training_data(params, cfg.finetune, runtime)
+    splits, train_data = runner.training_data(params, cfg.finetune, runtime, params.train.seed)
     scoring_set = splits.val or splits.train_eval
     example = torch.zeros(1, *scoring_set[0][0].shape, device=runtime.device)
 

@@ -38,7 +38,7 @@ def sparsify_command(
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     prunable_weights(model, cfg.exclude)  # fail fast on a misspelt exclude
-    splits, train_data = runner.training_data(params, cfg.finetune, runtime)
+    splits, train_data = runner.training_data(params, cfg.finetune, runtime, params.train.seed)
 
     def sparsify(model: nn.Module, step: int, target: float) -> dict:
         # Every rank holds the same weights (DDP), so every rank computes the same masks.

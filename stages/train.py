@@ -40,7 +40,7 @@ def train_command(
     model = load_model(cfg.checkpoint)[0] if cfg.checkpoint else create_model(model_cfg.arch, **model_cfg.args)
     teacher_model, teacher_ckpt = load_model(teacher) if teacher else (None, {})
     sparse_layers = apply_dnw(model, cfg.dnw.density, cfg.dnw.exclude) if cfg.dnw else []
-    splits, train_data = runner.training_data(params, cfg, runtime)
+    splits, train_data = runner.training_data(params, cfg, runtime, cfg.seed)
     resume = runner.resume_file(output)
     inputs = [Path(p) for p in (cfg.checkpoint, teacher) if p]  # a changed input checkpoint starts afresh
     key = runner.fingerprint(params.data.model_dump(), model_cfg.model_dump(), cfg.model_dump(), *inputs)
@@ -67,8 +67,8 @@ def train_command(
             files: dict = {metrics: summary, plots: result.history}
             if sparse_layers:
                 density = density_report(model)
-                summary["density"] = sum(r["nonzero"] for r in density.values()) / sum(
-                    r["numel"] for r in density.values())
+                sparse = [density[name] for name in sparse_layers]
+                summary["density"] = sum(r["nonzero"] for r in sparse) / sum(r["numel"] for r in sparse)
                 files[runner.sibling(metrics, "_layers")] = density
             runner.publish(track, files, summary, curves=(plots, result.history))
             clear_resume(resume, runtime)

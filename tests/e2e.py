@@ -37,9 +37,10 @@ def environment() -> dict:
     return env
 
 
-def repository_copy(root: Path, pipeline: str, shrink: Optional[Callable[[dict], None]] = None) -> Path:
+def repository_copy(root: Path, pipeline: str, shrink: Optional[Callable[[dict], None]] = None,
+                    file: str = "params.yaml") -> Path:
     """A committed copy of this repository (tracked and untracked-not-ignored files, no pipeline outputs) whose
-    `pipelines/<pipeline>/params.yaml` is passed through `shrink`."""
+    `pipelines/<pipeline>/<file>` (params.yaml, or the toy.yaml overlay) is passed through `shrink`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
@@ -50,7 +51,7 @@ def repository_copy(root: Path, pipeline: str, shrink: Optional[Callable[[dict],
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     if shrink is not None:
-        path = root / "pipelines" / pipeline / "params.yaml"
+        path = root / "pipelines" / pipeline / file
         params = yaml.safe_load(path.read_text())
         shrink(params)
         path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -59,3 +60,21 @@ def repository_copy(root: Path, pipeline: str, shrink: Optional[Callable[[dict],
     subprocess.run(git + ["add", "-A"], cwd=root, check=True)
     subprocess.run(git + ["commit", "-qm", "copy"], cwd=root, check=True)
     return root
+
+
+def make_demo(repo: Path, pipeline: str, env: dict) -> str:
+    """`make demo PIPELINE=...` as a user runs it, with the test's environment instead of `uv run`."""
+    return run(["make", "-s", "demo", f"PIPELINE={pipeline}", "UV=/usr/bin/true", "RUN="], repo, env)
+
+
+def mlflow_stage_runs(repo: Path, experiment: str) -> tuple[object, dict[str, object]]:
+    """The one parent run of `experiment` in the copy's store and its children by stage name."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parents[0].info.run_id}
+    return parents[0], children

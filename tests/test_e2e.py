@@ -48,8 +48,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     model, _ = load_model(demo / "models/quantize.pt")
     counted = count(model, (3, 32, 32), freebie=True)
     assert score["params"] == counted.params and score["flops"] == counted.flops
-    assert score["score"] == pytest.approx(counted.score("cifar100"), rel=1e-6)
-    assert score["score"] == float(f"{score['score']:.6g}")  # 6 significant digits in the metrics file
+    assert score["score"] == float(f"{counted.score('cifar100'):.6g}")  # 6 significant digits in the metrics file
     monkeypatch.chdir(demo)
     params = load_params(demo / "params.yaml")
     test = build_splits(params.data).test
@@ -124,4 +123,4 @@ def test_repro_then_experiment(repo, monkeypatch):
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
     header = next(line for line in shown.splitlines() if "Experiment" in line)
     assert all(column in header for column in ("accuracy", "score", "prune.rate")), shown
-    assert shown.count("0.5 ") + shown.count("0.5\u2009") >= 1 or "0.5" in shown
+    assert "prune.rate" in header and "sparsify.rate" not in header  # params that differ between runs only

@@ -249,3 +249,25 @@ def test_srip_is_the_mean_squared_spectral_norm_of_wtw_minus_i_on_1x1_convs():
     assert model[1].weight.grad.abs().sum() > 0 and model[0].weight.grad is None  # 3x3 convs are left alone
     with pytest.raises(MicronetError, match="no 1x1"):
         recipe.srip_penalty(nn.Sequential(nn.Conv2d(2, 2, 3)))
+
+
+def test_per_sample_mixup_batched_equals_timm_loop():
+    from timm.data import Mixup
+
+    images = torch.rand(8, 3, 4, 4)
+    np.random.seed(5)
+    ours, ours_targets = recipe.make_mixer(MixingConfig(kind="mixup", alpha=0.4, per_sample=True), 8)(
+        images.clone(), torch.arange(8))
+    np.random.seed(5)
+    timm = Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, mode="elem", label_smoothing=0.0, num_classes=8)
+    theirs, theirs_targets = timm(images.clone(), torch.arange(8))
+    assert torch.allclose(ours, theirs, atol=1e-6) and torch.allclose(ours_targets, theirs_targets)
+
+
+def test_recipes_that_contradict_themselves_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="onecycle warms up itself"):
+        ScheduleConfig(kind="onecycle", warmup_epochs=2)
+    with pytest.raises(MicronetError, match="replace the labels"):
+        recipe.Criterion(LossConfig(label_smoothing=0.1), MixingConfig(), num_classes=3, teacher=nn.Linear(2, 3))

@@ -152,3 +152,30 @@ def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
     assert (weights == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
     assert not (tmp_path / "sparsify.steps.resume.pt").exists()
     assert (tmp_path / "sparsify.pt").is_file()  # the final checkpoint is written before the progress goes
+
+
+def test_gpu_resident_loader_trains_through_the_one_loop(tmp_path, monkeypatch):
+    """data.loader: gpu (here on the CPU device): the training split lives as uint8 tensors on the device and
+    the loop takes the ready batches; an augmentation without a batched version falls back to workers."""
+    from micronet import runner
+    from micronet.config import Params
+    from micronet.data import write_synthetic_cifar100
+    from micronet.data.gpu import GpuCifarLoader
+    from micronet.nets import create_model
+
+    write_synthetic_cifar100(tmp_path / "data", n_train=300, n_test=100, seed=0)
+    raw = yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text())
+    raw["data"].update(root=str(tmp_path / "data"), val_size=100, batch_size=50, loader="gpu")
+    raw["data"]["augment"].update(autoaugment=None, cutout=8)
+    params = Params.model_validate(raw)
+    recipe_cfg = OptimConfig(epochs=1, lr=0.05, max_steps_per_epoch=3)
+    splits, train = runner.training_data(params, recipe_cfg, CPU, seed=0)
+    assert isinstance(train, GpuCifarLoader) and len(train) == 200 // 50
+    torch.manual_seed(0)
+    model = create_model("pyramidnet", depth=11, alpha=4)
+    result = fit(model, train, splits.val, recipe_cfg, CPU, batch_size=50, num_classes=100)
+    assert len(result.history) == 1 and result.best_val_top1 is not None
+
+    jitter = OptimConfig(augment={"brightness": 0.2})
+    _, fallback = runner.training_data(params, jitter, CPU)
+    assert not isinstance(fallback, GpuCifarLoader)

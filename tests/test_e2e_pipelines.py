@@ -1,0 +1,117 @@
+"""The submissions' pipelines at toy scale, each through `make demo PIPELINE=...` (its toy.yaml applied, then DVC)
+in a copy of the repository: the stages run, the score is the counter's figure for the final checkpoint, MLflow
+holds one parent run with a child per stage, and what each pipeline is about shows in its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from e2e import environment, make_demo, mlflow_stage_runs, repository_copy, run, stages_run
+
+pytestmark = pytest.mark.e2e
+
+
+def score_matches_checkpoint(pipeline_dir, checkpoint: str, input_size=(3, 32, 32), task="cifar100") -> dict:
+    from micronet.checkpoint import load_model
+    from micronet.scoring import count
+
+    score = json.loads((pipeline_dir / "metrics/score.json").read_text())
+    counted = count(load_model(pipeline_dir / checkpoint)[0], input_size, freebie=True)
+    assert (score["params"], score["flops"]) == (counted.params, counted.flops)
+    assert score["score"] == float(f"{counted.score(task):.6g}")
+    return score
+
+
+def test_kaist_toy_pipeline(tmp_path):
+    def shrink(toy: dict) -> None:
+        toy["data"]["synthetic"].update(train=500, test=100)
+        toy["data"].update(val_size=100)
+
+    repo = repository_copy(tmp_path / "repo", "kaist", shrink, file="toy.yaml")
+    env = environment()
+    out = make_demo(repo, "kaist", env)
+    assert stages_run(out) == ["train", "sparsify", "score"]
+    kaist = repo / "pipelines/kaist"
+    score = score_matches_checkpoint(kaist, "models/sparsify.pt")
+    assert "accuracy" in out and "score" in out and "precision" in out  # `dvc metrics show` and the totals
+    # KAIST's schedule: linear rounds (0.3, then 0.6) of one global magnitude threshold over every >=2-D weight
+    rows = (kaist / "metrics/plots/sparsify.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    targets = [float(r.split(",")[header.index("target_rate")]) for r in rows[1:]]
+    assert targets == pytest.approx([0.3, 0.6])
+    ckpt = torch.load(kaist / "models/sparsify.pt", map_location="cpu", weights_only=True)["state_dict"]
+    weights = [v for k, v in ckpt.items() if k.endswith("weight") and v.dim() >= 2]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.6, abs=0.002)
+    assert score["qualifies"] is False and score["total"] == 100
+    parent, children = mlflow_stage_runs(repo, "demo-kaist-micronet")
+    assert sorted(children) == ["score", "sparsify", "train"] and parent.data.tags["micronet.pipeline"] == "kaist"
+    train = json.loads((kaist / "metrics/train.json").read_text())
+    assert train["best_epoch"] in (1, 2)
+
+
+def test_fastai_wrn_toy_pipeline(tmp_path):
+    def shrink(toy: dict) -> None:
+        toy["data"]["synthetic"].update(train=400, test=100)
+        toy["data"].update(val_size=100)
+
+    repo = repository_copy(tmp_path / "repo", "fastai-wrn", shrink, file="toy.yaml")
+    env = environment()
+    out = make_demo(repo, "fastai-wrn", env)
+    assert stages_run(out) == ["train", "train_more", "score"]
+    fastai = repo / "pipelines/fastai-wrn"
+    score_matches_checkpoint(fastai, "models/train_more.pt")
+    curves = (fastai / "metrics/plots/train.csv").read_text().splitlines()
+    lrs = [float(line.split(",")[1]) for line in curves[1:]]
+    assert lrs[0] == pytest.approx(5e-3 / 25, rel=1e-6)  # one-cycle starts at lr / div_factor
+    parent, children = mlflow_stage_runs(repo, "demo-fastai-wrn22-6")
+    assert sorted(children) == ["score", "train", "train_more"]
+
+
+def test_uci_teacher_chain_and_what_a_change_reruns(tmp_path):
+    def shrink(toy: dict) -> None:
+        toy["data"]["synthetic"].update(train=300, test=100)
+        toy["data"].update(val_size=100)
+
+    repo = repository_copy(tmp_path / "repo", "uci", shrink, file="toy.yaml")
+    env = environment()
+    out = make_demo(repo, "uci", env)
+    chain = ["train_b3", "refine_b3", "train_b0", "train_ex"]
+    assert stages_run(out) == [*chain, "score"]
+    uci = repo / "pipelines/uci"
+    score_matches_checkpoint(uci, "models/train_ex.pt")
+    parent, children = mlflow_stage_runs(repo, "demo-uci-efficientnet")
+    assert sorted(children) == sorted([*chain, "score"])
+    for student, teacher in zip(chain[1:], chain):  # the student's run names its teacher's run
+        assert children[student].data.tags["micronet.teacher_run_id"] == children[teacher].info.run_id
+    assert "micronet.teacher_run_id" not in children["train_b3"].data.tags
+
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "toy baseline"], repo, env)
+    out = run(["dvc", "exp", "run", "-S", "train_ex.lr=0.05"], uci, env)
+    assert stages_run(out) == ["train_ex", "score"]
+    out = run(["dvc", "exp", "run", "-S", "train_b0.lr=0.05"], uci, env)
+    assert stages_run(out) == ["train_b0", "train_ex", "score"]
+
+
+def test_dnw_toy_pipeline(tmp_path):
+    def shrink(toy: dict) -> None:
+        toy["data"]["synthetic"].update(classes=5, train=30, test=10)
+        toy["data"].update(val_size=30)
+
+    repo = repository_copy(tmp_path / "repo", "dnw", shrink, file="toy.yaml")
+    env = environment()
+    out = make_demo(repo, "dnw", env)
+    assert stages_run(out) == ["train", "score"]
+    dnw = repo / "pipelines/dnw"
+    score = score_matches_checkpoint(dnw, "models/train.pt", task="imagenet")
+    assert score["total"] == 50  # the official val folder: 5 classes x 10
+    layers = json.loads((dnw / "metrics/train_layers.json").read_text())
+    assert layers.pop("conv1")["density"] == 1.0 and len(layers) == 53  # the stem stays dense; the rest sparse
+    for name, row in layers.items():
+        assert row["nonzero"] == row["numel"] - int(0.9 * row["numel"]), name  # exactly k = 10 % per layer
+    train = json.loads((dnw / "metrics/train.json").read_text())
+    assert train["density"] == pytest.approx(0.1, abs=0.001)
