@@ -145,6 +145,18 @@ def test_every_conv_and_linear_is_a_layer_unless_excluded():
         prunable_layers(model, exclude=["nope"])
 
 
+def test_layers_whose_gradient_cannot_be_read_are_refused():
+    data = batches(1, 2, shape=(3, 4, 4), classes=2)
+    inplace = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(32, 2))
+    with pytest.raises(MicronetError, match="'0' is modified in place"):
+        collect_kfac(inplace, data, "cpu")
+    shared = nn.Conv2d(3, 3, 1)
+    twice = nn.Sequential(shared, shared, nn.Flatten(), nn.Linear(48, 2))
+    with pytest.raises(MicronetError, match="runs more than once"):
+        collect_kfac(twice, data, "cpu")
+    collect_kfac(twice, data, "cpu", exclude=["0"])  # named by its first place in the model
+
+
 # ---- selection ----------------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -181,14 +181,16 @@ def _collection_mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
 
 
 class _Capture:
-    """Forward hooks on each unit's core: keep its output (to differentiate the loss against) and, when
-    `keep_inputs`, its input; when `input_stats`, fold the input's A contribution into `self.A` at once."""
+    """Hooks on each unit's core for one forward/backward pass. Forward: hand the core's input to `on_input`
+    (its A contribution) or keep it for `on_grad`. Backward: hand (input, output gradient) to `on_grad` as soon
+    as the gradient exists, so no layer's gradient outlives its own use."""
 
-    def __init__(self, units: dict[str, Unit], keep_inputs: bool):
-        self.units, self.keep_inputs = units, keep_inputs
+    def __init__(self, units: dict[str, Unit], on_grad: Callable[[str, Optional[torch.Tensor], torch.Tensor], None],
+                 on_input: Optional[Callable[[str, nn.Module, torch.Tensor], None]] = None):
+        self.units, self.on_grad, self.on_input = units, on_grad, on_input
         self.outputs: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}
-        self.A: dict[str, torch.Tensor] = {}
+        self.done: set[str] = set()
         self.handles = [_core(u).register_forward_hook(self._hook(n)) for n, u in units.items()]
 
     def _hook(self, name: str):
@@ -200,25 +202,34 @@ class _Capture:
             x = inputs[0].detach()
             if _folds_bias(self.units[name]):
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
-            if self.keep_inputs:
+            if self.on_input is None:
                 self.inputs[name] = x
             else:
                 with torch.no_grad():
-                    self.A[name] = _input_covariance(module, x)
+                    self.on_input(name, module, x)
+            output.register_hook(lambda g: self._grad(name, g))
 
         return hook
 
-    def reset(self) -> None:
-        self.outputs, self.inputs, self.A = {}, {}, {}
+    def _grad(self, name: str, g: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.on_grad(name, self.inputs.pop(name, None), g.detach())
+        self.done.add(name)
 
-    def output_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = list(self.outputs)
-        for n in names:
-            if self.outputs[n]._version != 0:
+    def backward(self, loss: torch.Tensor, x: torch.Tensor) -> None:
+        """Differentiate down to the network input `x` (requires_grad): every layer's output gradient passes
+        through the hooks and no weight gradient is computed or stored."""
+        for n, out in self.outputs.items():
+            if out._version != 0:
                 raise MicronetError(f"the output of layer {n!r} is modified in place (an inplace activation?): "
                                     f"its gradient cannot be read; use inplace=False or exclude the layer")
-        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
-        return {n: torch.zeros_like(self.outputs[n]) if g is None else g.detach() for n, g in zip(names, grads)}
+        self.outputs.clear()
+        torch.autograd.grad(loss, x)
+        if missing := [n for n in self.units if n not in self.done]:
+            raise MicronetError(f"layers {missing[:3]} got no gradient from the loss (unused, or not downstream "
+                                f"of the input); add them to exclude")
+        self.inputs.clear()
+        self.done.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -323,22 +334,31 @@ def collect_kfac(
 
     start = time.perf_counter()
     factors: dict[str, LayerFactors] = {}
+    batch_A: dict[str, torch.Tensor] = {}
+    batch_G: dict[str, torch.Tensor] = {}
+
+    def on_input(name: str, core: nn.Module, x: torch.Tensor) -> None:
+        batch_A[name] = _input_covariance(core, x)
+
+    def on_grad(name: str, _x: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        batch_G[name] = _gradient_covariance(g)
+
     first: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None
     examples = seen = 0
-    capture = _Capture(units, keep_inputs=False)
+    capture = _Capture(units, on_grad, on_input)
     try:
         with _collection_mode(model, train_mode):
             for i, batch in _batches(loader, batches):
                 x, y = _split(batch, device)
+                x = x.detach().requires_grad_(True)  # differentiate down to it, never into the weights
                 rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda])
-                capture.reset()
                 logits = model(x)
                 labels = _labels(logits, y, fisher, generator)
                 if first is None:
-                    first = (x, labels, rng)
-                grads = capture.output_grads(F.cross_entropy(logits, labels))
+                    first = (x.detach(), labels, rng)
+                capture.backward(F.cross_entropy(logits, labels), x)
                 for name, unit in units.items():
-                    A, G = capture.A[name], _gradient_covariance(grads[name])
+                    A, G = batch_A.pop(name), batch_G.pop(name)
                     if name not in factors:
                         factors[name] = LayerFactors("conv" if isinstance(_core(unit), nn.Conv2d) else "linear", A, G)
                     else:
@@ -401,25 +421,26 @@ def _correct_eigenvalues(model: nn.Module, units: dict[str, Unit], stats: KFAC,
     """EKFAC: s = E_n[(Q_G^T grad_n Q_A)^2] over the first batch's per-example gradients, from a replay of
     that batch (same inputs, labels and RNG state, so ShakeDrop draws the same in train mode)."""
     x, labels, (cpu_state, cuda_states) = first
-    capture = _Capture(units, keep_inputs=True)
+    x = x.detach().requires_grad_(True)
+
+    def on_grad(name: str, inputs: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        f = stats.layers[name]
+        f.s = _rotated_gradient_squares(_core(units[name]), inputs, g, f.Q_A, f.Q_G)
+
+    capture = _Capture(units, on_grad)
     try:
         with _collection_mode(model, train_mode), torch.random.fork_rng(devices=cuda):
             torch.set_rng_state(cpu_state)
             for d, state in zip(cuda, cuda_states):
                 torch.cuda.set_rng_state(state, d)
-            grads = capture.output_grads(F.cross_entropy(model(x), labels))
-            inputs = capture.inputs
+            capture.backward(F.cross_entropy(model(x), labels), x)
     finally:
         capture.remove()
     n = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
     rank, world = _world()
-    for name, unit in units.items():
-        f = stats.layers[name]
-        total = _rotated_gradient_squares(_core(unit), inputs.pop(name), grads.pop(name), f.Q_A, f.Q_G)
-        if world > 1:
-            dist.all_reduce(total)
-        f.s = total
     if world > 1:
+        for f in stats.layers.values():
+            dist.all_reduce(f.s)
         dist.all_reduce(n)
     for f in stats.layers.values():
         f.s.div_(float(n.item())).clamp_(min=EPS)
@@ -445,8 +466,10 @@ def _rotated_gradient_squares(core: nn.Module, x: torch.Tensor, g: torch.Tensor,
     out, inp = Q_G.shape[1], Q_A.shape[1]
     total = x.new_zeros(out, inp * taps)
     step = max(1, chunk_elements // max(1, out * inp * taps))
+    pointwise = not isinstance(core, nn.Conv2d) or (
+        core.kernel_size == (1, 1) and core.stride == (1, 1) and core.padding == (0, 0))
     for i in range(0, n, step):
-        cols = F.unfold(x[i : i + step], **args) if isinstance(core, nn.Conv2d) else x[i : i + step]
+        cols = x[i : i + step].flatten(2) if pointwise else F.unfold(x[i : i + step], **args)
         grad = torch.bmm(g[i : i + step], cols.transpose(1, 2)) * n  # (chunk, out, in * taps)
         total += grad.square().sum(0)
     return total.reshape(out, inp, taps)
