@@ -401,7 +401,7 @@ def eigendecompose(stats: KFAC, damping: float = DAMPING) -> None:
     """Damp A and G by pi-split Tikhonov (pi = (tr A / dim A) / (tr G / dim G); A + sqrt(lambda pi) I,
     G + sqrt(lambda / pi) I) and take their eigenbases. Damping shifts eigenvalues only, so it matters for
     the uncorrected eigenvalues l_G x l_A, not for the EKFAC-corrected s."""
-    rank, world = _world()
+    _, world = _world()
     for f in stats.layers.values():
         pi = ((torch.trace(f.A) + EPS) / f.A.shape[0]) / ((torch.trace(f.G) + EPS) / f.G.shape[0])
         eye_a = torch.eye(f.A.shape[0], device=f.A.device, dtype=f.A.dtype)
@@ -437,7 +437,7 @@ def _correct_eigenvalues(model: nn.Module, units: dict[str, Unit], stats: KFAC,
     finally:
         capture.remove()
     n = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-    rank, world = _world()
+    _, world = _world()
     if world > 1:
         for f in stats.layers.values():
             dist.all_reduce(f.s)
