@@ -1,4 +1,4 @@
-"""Checkpoints as plain data (architecture name + args, channel plan, state_dict, quantization):
+"""Checkpoints as plain data (architecture name + args, factorization and channel plans, state_dict, quantization):
 written atomically, read with `weights_only=True`, rebuilt without any pruning code or pickled module."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from micronet.compression.factorized import apply_factorization_plan, factorization_plan
 from micronet.compression.quantize import apply_quantization_spec, quantization_spec
 from micronet.errors import MicronetError
 from micronet.nets import create_model
@@ -100,11 +101,13 @@ def apply_channel_plan(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.
 
 
 def make_checkpoint(model: nn.Module, arch: str, args: dict, **extra: Any) -> dict[str, Any]:
-    """Everything needed to rebuild `model`: its builder, the channel plan and the weights (on CPU)."""
+    """Everything needed to rebuild `model`: its builder, the factorization and channel plans and the weights
+    (on CPU)."""
     return {
         "format": FORMAT,
         "arch": arch,
         "args": dict(args),
+        "factorization": factorization_plan(model),
         "channel_plan": channel_plan(model),
         "quantization": quantization_spec(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -116,6 +119,9 @@ def build_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MicronetError(f"{path}: not a {FORMAT} file")
     model = create_model(ckpt["arch"], **ckpt["args"])
+    # Factorized layers first: the channel plan names the convs inside them.
+    if ckpt.get("factorization"):
+        apply_factorization_plan(model, ckpt["factorization"])
     apply_channel_plan(model, ckpt["channel_plan"])
     if ckpt.get("quantization"):
         apply_quantization_spec(model, ckpt["quantization"])
