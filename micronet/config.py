@@ -218,15 +218,35 @@ class TrainConfig(OptimConfig):
 
 
 class PruneConfig(Section):
+    """Structured pruning. eigendamage (Wave): every conv and the classifier rotated into its K-FAC eigenbasis and
+    truncated to low rank, prune steps (step_rate of the eigen-direction saliencies) alternating with bring-back
+    steps, until `rate` (1 - params/params0) is reached. channels: Torch-Pruning removes channels to `rate` in
+    `steps` geometric steps with a magnitude/Taylor/Hessian criterion."""
+
     enabled: bool = True
+    method: Literal["eigendamage", "channels"] = "channels"
     rate: float = Field(0.5, ge=0, lt=1, description="target 1 - params_after/params_before")
-    steps: int = Field(1, ge=1)
-    criterion: Literal["magnitude", "taylor", "hessian"] = "taylor"
-    importance_batches: int = Field(8, ge=1, description="validation batches for taylor/hessian importance")
-    global_pruning: bool = True
-    max_layer_rate: float = Field(0.9, gt=0, lt=1, description="most of one layer's channels removed")
-    round_to: Optional[int] = Field(None, ge=1, description="keep channel counts multiples of this")
+    steps: int = Field(1, ge=1, description="channels: steps to the rate; eigendamage: most steps (prune + bring-back)")
+    max_layer_rate: float = Field(0.9, gt=0, lt=1, description="most of one layer's channels/directions per step")
     finetune: OptimConfig = OptimConfig()
+    # channels
+    criterion: Literal["magnitude", "taylor", "hessian"] = "taylor"
+    importance_batches: int = Field(8, ge=1, description="channels: validation batches for taylor/hessian")
+    global_pruning: bool = True
+    round_to: Optional[int] = Field(None, ge=1, description="channels: keep channel counts multiples of this")
+    # eigendamage
+    step_rate: float = Field(0.3, gt=0, lt=1, description="eigendamage: share of all saliency entries removed per step")
+    back_ratio: float = Field(0.25, ge=0, lt=1, description="eigendamage: bring back this share of the last prune "
+                              "step's deletions in the step after it; 0 = no bring-back steps")
+    bring_back_finetune: Optional[OptimConfig] = Field(None, description="fine-tuning after a bring-back step; "
+                                                       "null = finetune (Wave: lr 1e-2)")
+    min_accuracy: Optional[float] = Field(None, ge=0, le=1, description="eigendamage: a step that leaves validation "
+                                          "accuracy below this is undone and pruning stops (Wave: 0.80)")
+    kfac_batches: Optional[int] = Field(None, ge=1, description="eigendamage: training batches per K-FAC pass; "
+                                        "null = the whole split (Wave)")
+    kfac_train_mode: bool = Field(False, description="eigendamage: collect statistics in train mode (BN batch "
+                                  "statistics, stochastic ShakeDrop) as Wave did; default eval, the deployed function")
+    exclude: list[str] = Field(default_factory=list, description="eigendamage: layers left as they are")
 
 
 class SparsifyConfig(Section):

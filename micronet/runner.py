@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -188,8 +189,9 @@ def resume_file(output: Path, tag: str = "") -> Path:
 
 
 class StepProgress:
-    """Step-level resume for multi-step stages (prune, sparsify): after each finished step the model and the
-    results so far are saved; a re-run with the same fingerprint continues after the last finished step."""
+    """Step-level resume for multi-step stages (prune, sparsify): after each finished step the model, the results so
+    far and any extra state (e.g. EigenDamage's bring-back pool) are saved; a re-run with the same fingerprint
+    continues after the last finished step."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
@@ -202,11 +204,31 @@ class StepProgress:
         state = safe_load(self.path)
         return state if state.get("fingerprint") == self.key else None
 
-    def save(self, step: int, checkpoint: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        atomic_save({"fingerprint": self.key, "step": step, "checkpoint": checkpoint, "rows": rows}, self.path)
+    def save(self, step: int, checkpoint: dict[str, Any], rows: list[dict[str, Any]], extra: Any = None) -> None:
+        atomic_save({"fingerprint": self.key, "step": step, "checkpoint": checkpoint, "rows": rows, "extra": extra},
+                    self.path)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class StepState:
+    """Extra state a compression method carries from step to step and must survive an interruption."""
+
+    def to_state(self) -> Any:
+        return None
+
+    def load_state(self, state: Any) -> None:
+        pass
+
+
+@dataclass
+class Step:
+    """One step of a multi-step stage: the rate it aims at and the recipe of the fine-tuning after it."""
+
+    target: float
+    finetune: OptimConfig
+    kind: str = "compress"
 
 
 def compress_in_steps(
@@ -224,50 +246,77 @@ def compress_in_steps(
     track: Any,
     output: Path,
     train: Any = None,
+    plan: Optional[list[Step]] = None,
+    stop: Optional[Callable[[dict[str, Any]], bool]] = None,
+    accept: Optional[Callable[[dict[str, Any]], bool]] = None,
+    state: Optional[StepState] = None,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """The loop prune and sparsify share: per step, `compress` the model towards that step's rate (it may
     return sparsity masks), fine-tune with the one training loop, `measure` the result; then write the final
     checkpoint to `output`. Resumes after the last finished step, and within a step after the last epoch.
+
+    `plan` defaults to the section's step rates, each fine-tuned with section.finetune. `stop(row)` ends the
+    stage after a step; `accept(row)` False undoes the step (the model goes back to the previous one) and ends it.
     `train` is what the loop trains on (default: splits.train)."""
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
     from micronet.compression.sparsity import step_rates
     from micronet.data import num_classes
     from micronet.training import clear_resume, fit
 
-    finetune = section.finetune
     key = fingerprint(input, params.data.model_dump(), section.model_dump(), params.train.seed)
-    targets = step_rates(section.rate, section.steps, getattr(section, "schedule", "geometric"),
-                         getattr(section, "min_rate", 0.0))
+    if plan is None:
+        targets = step_rates(section.rate, section.steps, getattr(section, "schedule", "geometric"),
+                             getattr(section, "min_rate", 0.0))
+        plan = [Step(t, section.finetune) for t in targets]
     progress = StepProgress(resume_file(output, ".steps"), key)
     rows: list[dict[str, Any]] = []
     first_step = 0
-    if (state := progress.load()) is not None:
-        model = build_from_checkpoint(state["checkpoint"])
-        rows, first_step = state["rows"], state["step"] + 1
+    previous = make_checkpoint(model, source["arch"], source["args"])
+    if (saved := progress.load()) is not None:
+        previous = saved["checkpoint"]
+        model = build_from_checkpoint(previous)
+        rows, first_step = saved["rows"], saved["step"] + 1
+        if state is not None:
+            state.load_state(saved["extra"])
+        if rows and rows[-1].get("stop"):
+            first_step = len(plan)
     model.to(runtime.device)
-    epochs = max(1, finetune.epochs)
-    for step, target in enumerate(targets):
+    epoch_offset = sum(max(1, s.finetune.epochs) for s in plan[:first_step])
+    for step, spec in enumerate(plan):
         if step < first_step:
             continue
-        masks = compress(model, step, target)
+        masks = compress(model, step, spec.target)
         model.to(runtime.device)
         resume = resume_file(output, f".step{step}")
+        finetune = spec.finetune
         result = fit(
             model, train if train is not None else splits.train, splits.val, finetune, runtime, masks=masks,
             num_classes=num_classes(params.data),
             batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
             seed=params.train.seed + step, resume_path=resume, fingerprint=key,
-            desc=f"{stage} {step + 1}/{len(targets)}",
-            on_epoch=lambda r, s=step: track.log_metrics(
-                {f"finetune_{k}": v for k, v in r.items() if k != "epoch"}, s * epochs + r["epoch"]),
+            desc=f"{stage} {step + 1}/{len(plan)} ({spec.kind})",
+            on_epoch=lambda r, o=epoch_offset: track.log_metrics(
+                {f"finetune_{k}": v for k, v in r.items() if k != "epoch"}, o + r["epoch"]),
         )
-        row = {"step": step + 1, "target_rate": target, **measure(model, target),
+        epoch_offset += max(1, finetune.epochs)
+        row = {"step": step + 1, "kind": spec.kind, "target_rate": spec.target, **measure(model, spec.target),
                "val_accuracy": result.best_val_top1}
+        ended = False
+        if accept is not None and not accept(row):
+            row["undone"] = True
+            model = build_from_checkpoint(previous).to(runtime.device)
+            ended = True
+        elif stop is not None and stop(row):
+            ended = True
+        row["stop"] = ended
         rows.append(row)
+        previous = make_checkpoint(model, source["arch"], source["args"])  # every rank: an undo must agree
         if runtime.is_main:
-            track.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step + 1)
-            progress.save(step, make_checkpoint(model, source["arch"], source["args"]), rows)
+            track.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step + 1)
+            progress.save(step, previous, rows, state.to_state() if state is not None else None)
             clear_resume(resume, runtime)
+        if ended:
+            break
     if runtime.is_main:
         atomic_save(make_checkpoint(model, source["arch"], source["args"], stage=stage), output)
         progress.clear()

@@ -1,5 +1,6 @@
-"""`micronet prune`: structured pruning to prune.rate of the parameters, in prune.steps steps with fine-tuning
-between them. Writes the channel plan and weights (no pickled module)."""
+"""`micronet prune`: structured pruning to prune.rate of the parameters, in steps with fine-tuning between them:
+Wave's EigenDamage (low-rank in the K-FAC eigenbasis, with bring-back steps) or Torch-Pruning channel removal.
+Writes the factorization / channel plan and the weights (no pickled module)."""
 
 from __future__ import annotations
 
@@ -32,14 +33,13 @@ def prune_command(
     metrics: Path = typer.Option(Path("metrics/prune.json"), "--metrics"),
     plots: Path = typer.Option(Path("metrics/plots/prune.csv"), "--plots"),
 ) -> None:
-    import torch
     import torch.nn as nn
 
     from micronet import runner
-    from micronet.checkpoint import apply_channel_plan, channel_plan, load_model
-    from micronet.compression.structured import count_parameters, prune_to_rate
+    from micronet.checkpoint import load_model
+    from micronet.compression import count_parameters
     from micronet.tracking import stage_run
-    from micronet.training import Runtime, broadcast_object, make_loader, setup_runtime, teardown_runtime
+    from micronet.training import setup_runtime, teardown_runtime
 
     params = runner.prepare(params_path)
     cfg = params.prune
@@ -52,10 +52,50 @@ def prune_command(
     model, source = load_model(input)
     params_before = count_parameters(model)
     splits, train_data = runner.training_data(params, cfg.finetune, runtime, params.train.seed)
+
+    def measure(model: nn.Module, target: float) -> dict:
+        n = count_parameters(model)
+        rate = 1 - n / params_before
+        if cfg.method == "channels" and rate < target - 0.02 and runtime.is_main:
+            typer.echo(f"warning: prune step reached rate {rate:.4f} < target {target:.4f}: every prunable layer "
+                       f"is at prune.max_layer_rate ({cfg.max_layer_rate}); raise it or prune.steps", err=True)
+        return {"rate": rate, "parameters": n}
+
+    if cfg.method == "eigendamage":
+        compress, extra = eigendamage_steps(cfg, params, train_data, splits, runtime)
+    else:
+        compress, extra = channel_steps(cfg, params, splits, runtime, params_before), {}
+
+    with stage_run("prune", params, params_path, enabled=runtime.is_main) as track:
+        track.log_params({"prune": cfg.model_dump()})
+        model, rows = runner.compress_in_steps(
+            "prune", model, source, cfg, compress, measure, params=params, input=input, splits=splits,
+            train=train_data, runtime=runtime, track=track, output=output, **extra,
+        )
+        if runtime.is_main:
+            final = next(r for r in reversed(rows) if not r.get("undone"))
+            summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
+                       "val_accuracy": final["val_accuracy"], "steps": len(rows)}
+            runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"))
+            accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
+            reached = "" if final["rate"] >= cfg.rate else f" (target {cfg.rate} not reached)"
+            typer.echo(f"prune ({cfg.method}): {params_before:,} -> {final['parameters']:,} parameters (rate "
+                       f"{final['rate']:.4f}{reached}) in {len(rows)} steps, val accuracy {accuracy} -> {output}")
+    teardown_runtime(runtime)
+
+
+def channel_steps(cfg, params, splits, runtime, params_before: int):
+    """Torch-Pruning channel removal towards each step's rate, importance scored on the validation split."""
+    import torch
+
+    from micronet.checkpoint import apply_channel_plan, channel_plan
+    from micronet.compression.structured import prune_to_rate
+    from micronet.training import Runtime, broadcast_object, make_loader
+
     scoring_set = splits.val or splits.train_eval
     example = torch.zeros(1, *scoring_set[0][0].shape, device=runtime.device)
 
-    def prune(model: nn.Module, step: int, target: float) -> None:
+    def prune(model, step: int, target: float) -> None:
         if runtime.is_main:
             loader = make_loader(scoring_set, params.data.eval_batch_size, Runtime(runtime.device), train=False,
                                  workers=0)
@@ -67,26 +107,56 @@ def prune_command(
         # Rank 0 decides; the others take its shapes, and DDP hands them its weights.
         apply_channel_plan(model, broadcast_object(channel_plan(model), runtime))
 
-    def measure(model: nn.Module, target: float) -> dict:
-        n = count_parameters(model)
-        rate = 1 - n / params_before
-        if rate < target - 0.02 and runtime.is_main:
-            typer.echo(f"warning: prune step reached rate {rate:.4f} < target {target:.4f}: every prunable layer "
-                       f"is at prune.max_layer_rate ({cfg.max_layer_rate}); raise it or prune.steps", err=True)
-        return {"rate": rate, "parameters": n}
+    return prune
 
-    with stage_run("prune", params, params_path, enabled=runtime.is_main) as track:
-        track.log_params({"prune": cfg.model_dump()})
-        model, rows = runner.compress_in_steps(
-            "prune", model, source, cfg, prune, measure,
-            params=params, input=input, splits=splits, train=train_data, runtime=runtime, track=track, output=output,
-        )
-        if runtime.is_main:
-            final = rows[-1]
-            summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
-                       "val_accuracy": final["val_accuracy"]}
-            runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"))
-            accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
-            typer.echo(f"prune: {params_before:,} -> {final['parameters']:,} parameters (rate {final['rate']:.4f}) "
-                       f"in {len(rows)} steps, val accuracy {accuracy} -> {output}")
-    teardown_runtime(runtime)
+
+def eigendamage_steps(cfg, params, train_data, splits, runtime):
+    """Wave's schedule: prune steps (K-FAC statistics on the training split, then the lowest-saliency eigen-
+    directions go) alternating with bring-back steps, each fine-tuned with its own recipe; stop once a prune step
+    reaches prune.rate, or undo a step that leaves validation accuracy below prune.min_accuracy. Every rank runs
+    the same decisions (statistics are all-reduced, eigenbases broadcast, the bring-back draw seeded alike)."""
+    import torch
+
+    from micronet import runner
+    from micronet.compression.eigendamage import BringBackPool, bring_back_step, collect_kfac, prune_step
+    from micronet.training import make_loader
+
+    kinds = ["prune" if k % 2 == 0 or not cfg.back_ratio else "bring_back" for k in range(cfg.steps)]
+    plan = [runner.Step(cfg.rate, cfg.finetune if kind == "prune" else (cfg.bring_back_finetune or cfg.finetune),
+                        kind) for kind in kinds]
+
+    class PoolState(runner.StepState):
+        def __init__(self) -> None:
+            self.pool = BringBackPool()
+            self.generator = torch.Generator().manual_seed(params.train.seed)
+
+        def to_state(self):
+            return {"pool": self.pool.to_state(), "generator": self.generator.get_state()}
+
+        def load_state(self, state) -> None:
+            self.pool = BringBackPool.from_state(state["pool"])
+            self.generator.set_state(state["generator"])
+
+    state = PoolState()
+    batch = cfg.finetune.batch_size or params.data.batch_size
+
+    def compress(model, step: int, target: float) -> None:
+        if kinds[step] == "bring_back":
+            bring_back_step(model, state.pool, cfg.back_ratio, state.generator)
+            return None
+        loader = train_data if not isinstance(train_data, torch.utils.data.Dataset) else make_loader(
+            train_data, batch, runtime, train=True, workers=params.data.workers, seed=params.train.seed + step)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(step)
+        stats = collect_kfac(model, loader, runtime.device, cfg.kfac_batches, exclude=cfg.exclude,
+                             train_mode=cfg.kfac_train_mode, seed=params.train.seed + step)
+        prune_step(model, stats, cfg.step_rate, cfg.max_layer_rate, state.pool)
+        return None
+
+    def reached(row) -> bool:
+        return row["kind"] == "prune" and row["rate"] >= cfg.rate
+
+    def accurate(row) -> bool:
+        return cfg.min_accuracy is None or row["val_accuracy"] is None or row["val_accuracy"] >= cfg.min_accuracy
+
+    return compress, {"plan": plan, "stop": reached, "accept": accurate, "state": state}

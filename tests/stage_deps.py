@@ -59,3 +59,47 @@ def command_modules() -> dict[str, str]:
 
     walk(app, "")
     return found
+
+
+def code_deps(module: str, pipeline: Path) -> list[str]:
+    """The deps a stage running `module` lists for its code, relative to the pipeline folder: whole folders for
+    micronet/data and micronet/nets (every file there is imported), single files elsewhere, and the assets read."""
+    import os
+
+    from test_dvc_wiring import ASSETS  # the data files the code reads
+
+    files = closure(module)
+    files |= {a for f in files for a in ASSETS.get(f, [])}
+    folders = {REPO / "micronet/data", REPO / "micronet/nets"}
+    deps = {next((d for d in folders if d in f.parents), f) for f in files}
+    return sorted(os.path.relpath(d, pipeline) for d in deps)
+
+
+def write_deps() -> None:
+    """Rewrite the code deps of every stage in every dvc.yaml from the import closure (comments kept)."""
+    import re
+    import sys
+
+    from ruamel.yaml import YAML
+
+    sys.path.insert(0, str(REPO))
+    modules = command_modules()
+    yaml = YAML()
+    yaml.width = 110
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    for path in [REPO / "dvc.yaml", *sorted(REPO.glob("pipelines/*/dvc.yaml"))]:
+        doc = yaml.load(path.read_text())
+        for stage in doc["stages"].values():
+            command = re.match(r"micronet ((?:data )?[a-z-]+)", " ".join(stage["cmd"].split())).group(1)
+            keep = [d for d in stage.get("deps", []) if not re.match(r"(\.\./)*(micronet|stages)/", str(d))]
+            stage["deps"] = keep + code_deps(modules[command], path.parent)
+        import io
+
+        text = io.StringIO()
+        yaml.dump(doc, text)
+        path.write_text("".join(line.rstrip() + "\n" for line in text.getvalue().splitlines()))
+        print(f"wrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    write_deps()

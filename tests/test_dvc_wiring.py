@@ -41,7 +41,8 @@ def test_each_stage_lists_the_code_it_imports(pipeline):
         code = closure(modules[command])
         needed = code | {a for f in code for a in ASSETS.get(f, [])}
         missing = sorted(str(p.relative_to(REPO)) for p in needed if not covered(p, deps))
-        assert not missing, f"{pipeline.relative_to(REPO)}/dvc.yaml stage {name} does not list {missing}"
+        assert not missing, (f"{pipeline.relative_to(REPO)}/dvc.yaml stage {name} does not list {missing} "
+                             "(python tests/stage_deps.py rewrites every stage's code deps)")
         for dep in deps:
             if REPO / "micronet" in dep.parents or REPO / "stages" in dep.parents:
                 assert dep.exists(), f"{pipeline}/dvc.yaml stage {name} lists {dep}, which does not exist"

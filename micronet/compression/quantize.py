@@ -8,6 +8,7 @@ The counter reads `weight_bits` on modules and `activation_bits` on quantizers."
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Iterable, Optional
 
@@ -259,7 +260,7 @@ def quantize_model(
     example: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """Post-training quantization (no retraining), in the Wave order: fold BN, round weights, calibrate.
-    `points`: every_op (Wave; needs one `example` input to find them) or layers."""
+    `points`: every_op (Wave; found with `example`, default the first calibration image) or layers."""
     model.eval()
     folded = fold_batchnorms(model, fold_pairs)
     for m in model.modules():
@@ -268,8 +269,13 @@ def quantize_model(
     exponents = quantize_weights(model, weight_bits, method, weight_sigmas)
     weight_layers = [n for n, m in model.named_modules() if hasattr(m, "weight_bits")]
     if points == "every_op":
-        if example is None:
-            raise MicronetError("activation_points every_op needs an example input to find the computed outputs")
+        if example is None:  # one example from the first calibration batch finds the computed outputs
+            batches = iter(calibration_batches)
+            first = next(batches, None)
+            if first is None:
+                raise MicronetError("quantization needs at least one calibration batch")
+            calibration_batches = itertools.chain([first], batches)
+            example = first[:1]
         names = computed_activation_points(model, example)
     else:
         names = layer_activation_points(model)

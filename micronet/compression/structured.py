@@ -13,13 +13,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from micronet.compression import count_parameters
 from micronet.errors import MicronetError
 
 LossFn = Callable[[nn.Module], torch.Tensor]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def make_importance(criterion: str) -> tp.importance.Importance:
