@@ -119,7 +119,8 @@ def make_loader(dataset: Dataset, batch_size: int, runtime: Runtime, *, train: b
             pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0, generator=generator,
         )
     sampler = ShardSampler(len(dataset), runtime.rank, runtime.world_size)
-    return DataLoader(dataset, per_rank, sampler=sampler, num_workers=workers, pin_memory=runtime.device.type == "cuda")
+    return DataLoader(dataset, per_rank, sampler=sampler, num_workers=workers, pin_memory=runtime.device.type == "cuda",
+                      persistent_workers=workers > 0)  # evaluated every epoch: keep the workers (ImageNet's file list)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------

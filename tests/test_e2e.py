@@ -14,9 +14,10 @@ pytestmark = pytest.mark.e2e
 
 
 def shrink(params: dict) -> None:
-    params["synth"].update(train=600, test=200)
+    params["synth"].update(train=400, test=200)
     params["data"].update(val_size=100, batch_size=50)
     params["train"].update(epochs=2)
+    params["prune"].update(kfac_batches=2)
     params["prune"]["finetune"].update(epochs=1)
     params["sparsify"]["finetune"].update(epochs=1)
     params["distributed"]["threads"] = 2

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from e2e import environment, make_demo, mlflow_stage_runs, repository_copy, run, stages_run
 
@@ -27,7 +28,7 @@ def score_matches_checkpoint(pipeline_dir, checkpoint: str, input_size=(3, 32, 3
 
 def test_kaist_toy_pipeline(tmp_path):
     def shrink(toy: dict) -> None:
-        toy["data"]["synthetic"].update(train=500, test=100)
+        toy["data"]["synthetic"].update(train=300, test=100)
         toy["data"].update(val_size=100)
 
     repo = repository_copy(tmp_path / "repo", "kaist", shrink, file="toy.yaml")
@@ -55,7 +56,7 @@ def test_kaist_toy_pipeline(tmp_path):
 
 def test_fastai_wrn_toy_pipeline(tmp_path):
     def shrink(toy: dict) -> None:
-        toy["data"]["synthetic"].update(train=400, test=100)
+        toy["data"]["synthetic"].update(train=300, test=100)
         toy["data"].update(val_size=100)
 
     repo = repository_copy(tmp_path / "repo", "fastai-wrn", shrink, file="toy.yaml")
@@ -75,6 +76,7 @@ def test_uci_teacher_chain_and_what_a_change_reruns(tmp_path):
     def shrink(toy: dict) -> None:
         toy["data"]["synthetic"].update(train=300, test=100)
         toy["data"].update(val_size=100)
+        toy["train_ex"]["epochs"] = 1
 
     repo = repository_copy(tmp_path / "repo", "uci", shrink, file="toy.yaml")
     env = environment()
@@ -91,10 +93,15 @@ def test_uci_teacher_chain_and_what_a_change_reruns(tmp_path):
 
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "toy baseline"], repo, env)
-    out = run(["dvc", "exp", "run", "-S", "train_ex.lr=0.05"], uci, env)
-    assert stages_run(out) == ["train_ex", "score"]
+    # A change to a link re-runs that link and what follows it, never the teachers before it.
     out = run(["dvc", "exp", "run", "-S", "train_b0.lr=0.05"], uci, env)
     assert stages_run(out) == ["train_b0", "train_ex", "score"]
+    # A knob of the last student touches only that stage (and, through its checkpoint, the score).
+    params = yaml.safe_load((uci / "params.yaml").read_text())
+    params["train_ex"]["grad_clip"] = 5.0
+    (uci / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = run(["dvc", "status"], uci, env)
+    assert "train_ex:" in status and not any(f"{s}:" in status for s in ("train_b3", "refine_b3", "train_b0"))
 
 
 def test_dnw_toy_pipeline(tmp_path):

@@ -179,3 +179,31 @@ def test_gpu_resident_loader_trains_through_the_one_loop(tmp_path, monkeypatch):
     jitter = OptimConfig(augment={"brightness": 0.2})
     _, fallback = runner.training_data(params, jitter, CPU)
     assert not isinstance(fallback, GpuCifarLoader)
+
+
+def test_dnw_stage_under_torchrun_two_gloo_processes(tmp_path):
+    """The DNW pipeline's train stage, as the multi-GPU run does it, on two CPU processes: ResNet-50 with per-layer
+    top-k sparsity on synthetic ImageNet-format JPEGs; one checkpoint with exactly k of every layer but the stem."""
+    import json
+
+    params = yaml.safe_load((REPO / "pipelines/dnw/params.yaml").read_text())
+    params["data"].update(root=str(tmp_path / "imagenet"), synthetic={"classes": 4, "train": 10, "test": 4,
+                          "size": 40, "seed": 0}, val_size=8, batch_size=8, eval_batch_size=8, workers=0,
+                          image_size=32, eval_resize=36)
+    params["model"]["args"]["num_classes"] = 4
+    params["train"].update(epochs=1, max_steps_per_epoch=2, schedule={"kind": "cosine"})
+    params["distributed"] = {"nproc_per_node": 2, "device": "cpu", "backend": "gloo", "threads": 1}
+    params["tracking"] = {"enabled": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "micronet.cli", "train", "--params", "params.yaml", "--output", "m.pt",
+         "--metrics", "m.json", "--plots", "m.csv"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes -> m.pt" in proc.stdout
+    layers = json.loads((tmp_path / "m_layers.json").read_text())
+    assert layers.pop("conv1")["density"] == 1.0
+    assert all(r["nonzero"] == r["numel"] - int(0.9 * r["numel"]) for r in layers.values())
+    state = torch.load(tmp_path / "m.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("parametrizations" in k for k in state)  # baked: plain weights with exact zeros
