@@ -216,7 +216,7 @@ def main() -> None:
     with Chromium(binary) as browser:
         page = args.report.resolve().as_uri()
         shots.append(browser.screenshot(page, args.out / "report.png", wait_for="micronet report"))
-        shots.append(browser.screenshot(page, args.out / "report-full.png", (1400, 3000), wait_for="micronet report"))
+        shots.append(browser.screenshot(page, args.out / "report-full.png", (1400, 2400), wait_for="micronet report"))
         with MlflowUI(store) as ui:
             for name in names:
                 experiment = client.get_experiment_by_name(name)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import EngFormatter
 
 from micronet.errors import MicronetError
 
@@ -113,7 +113,7 @@ def compression_steps(rows: Rows, path: Path, x: str = "parameters") -> Optional
         ax.annotate(label, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if x == "parameters":
         ax.invert_xaxis()  # steps run left to right as the model shrinks
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 18M, 250k: full counts collide on the axis
     ax.set_xlabel(COMPRESSION_X[x])
     ax.set_ylabel("validation top-1 accuracy")
     ax.grid(alpha=0.3)
