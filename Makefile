@@ -12,7 +12,7 @@ MLFLOW_PORT ?= 5000
 EXP_HEADLINE := accuracy|params|flops|score|qualifies
 EXP_DROP := (?!.*\.)(?!(Experiment|Created|$(EXP_HEADLINE))$$).*|.*[:/].*
 
-.PHONY: help install demo exp-show test test-fast bench report mlflow-ui clean-demo
+.PHONY: help install demo exp-show test test-fast bench report screenshots mlflow-ui clean-demo
 
 help:
 	@echo "make install                 - uv sync --frozen (installs uv first if missing)"
@@ -50,6 +50,13 @@ test-fast: install
 
 bench: install
 	$(RUN) python bench/bench_count.py
+	$(RUN) python bench/bench_cli.py
+	$(RUN) python bench/bench_gpu_ops.py
+	$(RUN) python bench/bench_loader.py
+	$(RUN) python bench/bench_train.py
+
+screenshots: install
+	$(RUN) python bench/screenshots.py
 
 report: install
 	$(RUN) micronet report --output reports

@@ -17,6 +17,7 @@ from stages.import_checkpoint import import_command
 from stages.params import apply_command
 from stages.prune import prune_command
 from stages.quantize import quantize_command
+from stages.report import report_command
 from stages.score import score_command
 from stages.sparsify import sparsify_command
 from stages.train import train_command
@@ -44,6 +45,8 @@ app.command("score", help="Test accuracy and the official MicroNet score.")(scor
 app.command("count", help="Print the official per-layer count of an architecture or a checkpoint.")(count_command)
 app.command("models", help="List the registered architectures.")(models_command)
 app.command("import", help="Turn a submission's released checkpoint into a micronet checkpoint.")(import_command)
+app.command("report", help="Compare pipeline runs with each other and the published figures (reports/).")(
+    report_command)
 
 
 def main() -> None:

@@ -25,10 +25,9 @@ from matplotlib.ticker import FuncFormatter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from micronet.errors import MicronetError
-from micronet.paths import repository_root
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
-from micronet.tracking import PIPELINE_TAG, tracking_uri
+from micronet.tracking import PIPELINE_TAG, ensure_experiment, tracking_uri
 
 PIPELINE_KIND_TAG = "micronet.pipeline"  # which submission a pipeline reproduces (wave, kaist, ...)
 QUALIFIES_TAG = "qualifies"
@@ -469,19 +468,10 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
     return {"index.html": index, "pareto.png": png, "summary.md": summary}
 
 
-def _report_experiment(client: Any) -> str:
-    """The report's own experiment, with artifacts beside the store like the pipelines' (micronet.tracking)."""
-    experiment = client.get_experiment_by_name(REPORT_EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifacts = (repository_root() / "mlartifacts" / REPORT_EXPERIMENT).as_uri()
-    return client.create_experiment(REPORT_EXPERIMENT, artifact_location=artifacts)
-
-
 def log_report(client: Any, files: dict[str, Path], runs: Sequence[PipelineRun],
                experiments: Optional[Sequence[str]]) -> str:
     """One run in the report experiment holding the three files; returns its id."""
-    run = client.create_run(_report_experiment(client),
+    run = client.create_run(ensure_experiment(client, REPORT_EXPERIMENT),
                             run_name=f"report-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     run_id = run.info.run_id
     try:

@@ -107,7 +107,8 @@ class StageTracker:
             self.client.log_artifact(self.run_id, str(path))
 
 
-def _experiment_id(client, name: str) -> str:
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created with its artifacts beside the store if it does not exist yet."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -133,7 +134,7 @@ def stage_run(stage: str, params: Any, params_path: Path, enabled: bool = True) 
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     client = MlflowClient(tracking_uri())
-    experiment_id = _experiment_id(client, cfg.experiment)
+    experiment_id = ensure_experiment(client, cfg.experiment)
     key = pipeline_run_key(params_path, cfg.pipeline or cfg.experiment)
     commit = git_commit()
     found = client.search_runs(

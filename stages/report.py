@@ -8,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from micronet.report import make_report
-
 
 def report_command(
     output: Path = typer.Option(Path("reports"), "--output", help="folder the report files are written to"),
     experiments: Optional[list[str]] = typer.Option(
         None, "--experiment", "-e", help="only this MLflow experiment (repeatable); default: every pipeline's"),
 ) -> None:
+    from micronet.report import make_report
+
     files, run_id = make_report(output, experiments or None)
     for path in files.values():
         typer.echo(str(path))
