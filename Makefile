@@ -43,7 +43,7 @@ exp-show: install
 		--drop '$(EXP_DROP)' --keep '($(EXP_HEADLINE))$$'
 
 test: install
-	$(RUN) pytest -q
+	$(RUN) pytest -q --durations=12
 
 test-fast: install
 	$(RUN) pytest -q -m "not e2e"

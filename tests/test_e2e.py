@@ -33,7 +33,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     demo = repo / "pipelines/demo"
     out = run(["dvc", "repro"], demo, env)
     assert stages_run(out) == ["data", "train", "prune", "sparsify", "quantize", "score"]
-    for line in ("train: val accuracy", "prune: ", "sparsify: 50.00% of the eligible weights zero", "quantize: 9-bit",
+    for line in ("train: val accuracy", "prune (eigendamage): ", "sparsify: 50.00% of the eligible weights zero", "quantize: 9-bit",
                  "score (cifar100, quantize): accuracy"):
         assert line in out, line  # every stage says in one line what it did
 
