@@ -19,13 +19,7 @@ from micronet.nets import create_model
 from stages.import_checkpoint import import_command
 
 
-@pytest.fixture(autouse=True)
-def one_thread_seeded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned_micronet(arch: str = "kaist_micronet_v1", rate: float = 0.6) -> tuple[nn.Module, dict[str, torch.Tensor]]:

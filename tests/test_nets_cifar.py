@@ -14,13 +14,7 @@ from micronet.nets import create_model, list_models
 from micronet.scoring import count
 
 
-@pytest.fixture(autouse=True)
-def one_thread_seeded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(model: nn.Module) -> nn.Module:

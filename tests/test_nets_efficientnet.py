@@ -14,15 +14,10 @@ from micronet.nets import builder, create_model
 from micronet.nets.efficientnet import ConvBNSwish, CosineClassifier, MBConv, round_filters, round_repeats
 from micronet.scoring import count
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 NAMES = ("efficientnet_b3_cifar", "efficientnet_b0_cifar", "efficientnet_ex", "efficientnet_exx")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

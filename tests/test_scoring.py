@@ -16,35 +16,10 @@ from micronet.nets import create_model
 from micronet.scoring import TASKS, Count, count, foldable_batchnorms
 from stages.count import count_command
 
-
-class Fn(nn.Module):
-    """Wraps a function of the input so single functional ops can be counted."""
-
-    def __init__(self, fn, *modules: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(modules)
-
-    def forward(self, x):
-        return self.fn(x, *self.mods)
+from counting import Fn, totals
 
 
-def totals(c: Count) -> tuple[float, float, float]:
-    return c.param_bits, c.mults, c.adds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small single-example passes: OpenMP threads only add barrier stalls on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def seed():
-    torch.manual_seed(0)  # deterministic init: every expected count below assumes no exact-zero draws
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(model: nn.Module) -> nn.Module:

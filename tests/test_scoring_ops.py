@@ -10,31 +10,12 @@ import torch.nn.functional as F
 
 from micronet.errors import MicronetError
 from micronet.nets.efficientnet import CosineClassifier
-from micronet.scoring import Count, count
+from micronet.scoring import count
+
+from counting import Fn, totals
 
 
-class Fn(nn.Module):
-    """Wraps a function of the input so single functional ops can be counted."""
-
-    def __init__(self, fn, *modules: nn.Module):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(modules)
-
-    def forward(self, x):
-        return self.fn(x, *self.mods)
-
-
-def totals(c: Count) -> tuple[float, float, float]:
-    return c.param_bits, c.mults, c.adds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
