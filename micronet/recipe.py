@@ -171,7 +171,10 @@ def make_mixer(cfg: MixingConfig, num_classes: int):
             if self.cutmix_alpha > 0 or self.cutmix_minmax is not None:
                 return super()._mix_elem(x)
             lam, _ = self._params_per_elem(len(x))
-            lam = torch.tensor(lam, device=x.device, dtype=x.dtype).unsqueeze(1)
+            lam = torch.from_numpy(lam).to(x.dtype)
+            if x.is_cuda:  # from pinned memory the copy need not wait for the GPU to drain
+                lam = lam.pin_memory()
+            lam = lam.to(x.device, non_blocking=True).unsqueeze(1)
             weight = lam.view(-1, *[1] * (x.ndim - 1))
             flipped = x.flip(0).mul_(1.0 - weight)
             x.mul_(weight).add_(flipped)

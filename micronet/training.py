@@ -284,6 +284,7 @@ def fit(
         started = time.perf_counter()
         first_lr = optimizer.param_groups[0]["lr"]
         totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, seen
+        seen = 0  # counted on the host: building a device tensor from it each batch would wait for the GPU
         bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if not runtime.is_main else None,
                    leave=False, mininterval=1.0)
         for step, (images, labels) in enumerate(train_loader):
@@ -296,8 +297,8 @@ def fit(
                 images, targets = criterion.prepare(images, labels)
                 logits = train_model(images)
                 loss = criterion(logits.float(), labels, targets)
-                if cfg.srip:
-                    loss = loss + cfg.srip * recipe.srip_penalty(model)
+            if cfg.srip:  # outside autocast: W^T W - I is a small deviation from I, which bf16 would round away
+                loss = loss + cfg.srip * recipe.srip_penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for name, mask in masks.items():
@@ -310,13 +311,14 @@ def fit(
             with torch.no_grad():
                 for name, mask in masks.items():
                     params[name].mul_(mask)
-                totals += torch.stack(
-                    [loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
-                     torch.tensor(labels.numel(), dtype=torch.float64, device=runtime.device)]
-                )
+                totals[0] += loss.detach().double() * labels.numel()
+                totals[1] += (logits.argmax(1) == labels).sum()
+                seen += labels.numel()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if not bar.disable and step % 50 == 0:  # reading the loss waits for the GPU: not every batch
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
+        totals[2] = seen
         if runtime.distributed:
             dist.all_reduce(totals)
         row = {
