@@ -248,6 +248,18 @@ class PruneConfig(Section):
                                   "statistics, stochastic ShakeDrop) as Wave did; default eval, the deployed function")
     exclude: list[str] = Field(default_factory=list, description="eigendamage: layers left as they are")
 
+    @model_validator(mode="after")
+    def _one_loader_for_both_finetunings(self) -> "PruneConfig":
+        """The stage builds its training data once, from `finetune`: a bring-back recipe may change the optimizer
+        side, not what the loader fixes when it is built."""
+        if self.bring_back_finetune is not None:
+            for key in ("augment", "batch_size", "channels_last"):
+                value = getattr(self.bring_back_finetune, key)
+                if value is not None and value != getattr(self.finetune, key):
+                    raise ValueError(f"prune.bring_back_finetune.{key} differs from prune.finetune.{key}; one loader "
+                                     f"serves both fine-tunings: make them equal or leave it out of bring_back_finetune")
+        return self
+
 
 class SparsifyConfig(Section):
     enabled: bool = True
@@ -344,6 +356,8 @@ def _describe(error: dict, prefix: str = "") -> str:
     if kind == "missing":
         return f"missing key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), dict):  # a check across a section's keys: its message names them
+        return f"section '{key}': {message}"
     return f"key '{key}' = {error.get('input')!r}: {message}"
 
 

@@ -73,7 +73,8 @@ def prune_command(
             train=train_data, runtime=runtime, track=track, output=output, **extra,
         )
         if runtime.is_main:
-            final = next(r for r in reversed(rows) if not r.get("undone"))
+            unpruned = {"rate": 0.0, "parameters": params_before, "val_accuracy": None}  # every step undone
+            final = next((r for r in reversed(rows) if not r.get("undone")), unpruned)
             summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
                        "val_accuracy": final["val_accuracy"], "steps": len(rows)}
             runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"))

@@ -37,6 +37,8 @@ def test_shipped_params_validate():
         (lambda r: r["model"]["args"].__setitem__("width", 3), "takes no argument(s) ['width']"),
         (lambda r: r["sparsify"].__setitem__("rate", -0.1), "sparsify.rate' = -0.1"),
         (lambda r: r["train"].__setitem__("enabled", False), "train.checkpoint must name"),
+        (lambda r: r["prune"]["bring_back_finetune"].__setitem__("batch_size", 7),
+         "section 'prune': prune.bring_back_finetune.batch_size differs from prune.finetune.batch_size"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, mutate, expected):
