@@ -27,12 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from micronet.errors import MicronetError
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
-from micronet.tracking import PIPELINE_TAG, ensure_experiment, tracking_uri
+from micronet.tracking import PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, ensure_experiment, tracking_uri
 
-PIPELINE_KIND_TAG = "micronet.pipeline"  # which submission a pipeline reproduces (wave, kaist, ...)
-QUALIFIES_TAG = "qualifies"
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
-PARENT_RUN_TAG = "mlflow.parentRunId"
 DEMO_PREFIX = "demo-"  # experiments of the toy pipelines: synthetic data, their accuracy means nothing
 REPORT_EXPERIMENT = "micronet-report"
 PIPELINE_COLOURS = {"wave": "tab:blue", "kaist": "tab:orange", "fastai-wrn": "tab:green", "uci": "tab:red",
@@ -157,11 +153,9 @@ class PipelineRun:
         return self.score is not None and self.accuracy is not None
 
 
-def _qualifies(tags: dict[str, str], metrics: dict[str, float]) -> Optional[bool]:
+def _qualifies(tags: dict[str, str]) -> Optional[bool]:
     if tags.get(QUALIFIES_TAG) in ("true", "false"):
         return tags[QUALIFIES_TAG] == "true"
-    if QUALIFIES_TAG in metrics:  # the score stage also logs it as a 0/1 metric
-        return metrics[QUALIFIES_TAG] > 0.5
     return None
 
 
@@ -175,6 +169,7 @@ def _task(params: dict[str, str], pipeline: str) -> str:
 def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> list[PipelineRun]:
     """Parent runs carrying `micronet.pipeline`, from every active experiment or only the named ones."""
     from mlflow.entities import ViewType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
     found: list[Any] = []
     token = None
@@ -194,19 +189,19 @@ def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> li
     runs: list[PipelineRun] = []
     token = None
     while by_id:
-        page = client.search_runs(list(by_id), filter_string=f"tags.`{PIPELINE_KIND_TAG}` LIKE '%'",
+        page = client.search_runs(list(by_id), filter_string=f"tags.`{PIPELINE_TAG}` LIKE '%'",
                                   max_results=1000, page_token=token)
         for run in page:
             tags = run.data.tags
-            if PARENT_RUN_TAG in tags or not tags.get(PIPELINE_KIND_TAG):
+            if MLFLOW_PARENT_RUN_ID in tags or not tags.get(PIPELINE_TAG):
                 continue
             params, metrics = dict(run.data.params), dict(run.data.metrics)
-            pipeline = tags[PIPELINE_KIND_TAG]
+            pipeline = tags[PIPELINE_TAG]
             runs.append(PipelineRun(
                 run_id=run.info.run_id, experiment=by_id[run.info.experiment_id],
-                name=run.info.run_name or tags.get(PIPELINE_TAG, run.info.run_id), pipeline=pipeline,
+                name=run.info.run_name or tags.get(PIPELINE_RUN_TAG, run.info.run_id), pipeline=pipeline,
                 task=_task(params, pipeline), params=params, metrics=metrics,
-                qualifies=_qualifies(tags, metrics), commit=tags.get(GIT_COMMIT_TAG, ""),
+                qualifies=_qualifies(tags), commit=tags.get(MLFLOW_GIT_COMMIT, ""),
             ))
         token = page.token
         if not token:
@@ -496,7 +491,7 @@ def make_report(output: Path, experiments: Optional[Sequence[str]] = None) -> tu
     runs = collect_runs(client, experiments)
     if not runs:
         where = f"experiments {', '.join(experiments)}" if experiments else tracking_uri()
-        raise MicronetError(f"no pipeline runs (parent runs tagged {PIPELINE_KIND_TAG!r}) in {where}; "
+        raise MicronetError(f"no pipeline runs (parent runs tagged {PIPELINE_TAG!r}) in {where}; "
                             "run a pipeline first (make demo), or set MLFLOW_TRACKING_URI to its store")
     files = write_report(runs, output)
     return files, log_report(client, files, runs, experiments)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from micronet.checkpoint import atomic_save
+from micronet.checkpoint import atomic_save, file_digest
 from micronet.config import OptimConfig, Params, PruneConfig, SparsifyConfig, load_params
 from micronet.data import Splits, build_splits, ensure_dataset
 from micronet.errors import MicronetError
@@ -63,14 +63,6 @@ def fingerprint(*parts: Any) -> str:
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def training_data(params: Params, recipe: OptimConfig, runtime: Any, seed: int = 0) -> tuple[Splits, Any]:
@@ -154,7 +146,8 @@ def publish(
     """A stage's results: files for DVC, the same files as MLflow artifacts, headline numbers as MLflow metrics,
     and pictures of the curves (per-epoch `curves`, per-step `steps`) as PNG artifacts beside the CSVs."""
     write_outputs(files)
-    track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not isinstance(v, str)},
+    # yes/no results (qualifies) are tags, set by the stage: as a metric they would plot as a 0/1 curve
+    track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not isinstance(v, (str, bool))},
                       parent=parent)
     for path in files:
         track.log_artifact(path)

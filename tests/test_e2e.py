@@ -92,6 +92,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     assert parent.info.run_name.startswith("wave-") and parent.data.tags["micronet.pipeline"] == "wave"
     assert len(parent.data.tags[MLFLOW_GIT_COMMIT]) == 40
     assert parent.data.tags["qualifies"] == str(score["qualifies"]).lower()
+    assert "qualifies" not in parent.data.metrics  # a yes/no is a tag, not a 0/1 curve
     children = sorted(r.info.run_name for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent.info.run_id)
     assert children == ["prune", "quantize", "score", "sparsify", "train"]
     for key in ("accuracy", "params", "flops", "score"):

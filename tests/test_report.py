@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from micronet import report
 from micronet.errors import MicronetError
 from micronet.plots import compression_steps, training_curves
-from micronet.tracking import PIPELINE_TAG, tracking_uri
+from micronet.tracking import PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, tracking_uri
 from stages.report import report_command
 
 BASE_PARAMS = {"train.epochs": "3", "prune.rate": "0.65", "score.task": "cifar100", "tracking.experiment": "x"}
@@ -20,8 +20,8 @@ BASE_PARAMS = {"train.epochs": "3", "prune.rate": "0.65", "score.task": "cifar10
 def _parent(client, experiment_id, name, pipeline, params, metrics, qualifies="true", commit="ab638e1aaaa"):
     run = client.create_run(
         experiment_id, run_name=name,
-        tags={PIPELINE_TAG: name, "micronet.pipeline": pipeline, "mlflow.source.git.commit": commit,
-              **({"qualifies": qualifies} if metrics else {})},
+        tags={PIPELINE_RUN_TAG: name, PIPELINE_TAG: pipeline, "mlflow.source.git.commit": commit,
+              **({QUALIFIES_TAG: qualifies} if metrics else {})},
     )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
