@@ -3,6 +3,7 @@ written atomically, read with `weights_only=True`, rebuilt without any pruning c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,15 @@ from micronet.errors import MicronetError
 from micronet.nets import create_model
 
 FORMAT = "micronet-checkpoint/1"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file read in 1 MiB blocks: checkpoints can be larger than one wants in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: Path | str) -> None:

@@ -14,13 +14,12 @@ Their code never wraps the net in DataParallel, but a `module.` prefix on every 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from micronet.checkpoint import make_checkpoint, safe_load
+from micronet.checkpoint import file_digest, make_checkpoint, safe_load
 from micronet.errors import MicronetError
 from micronet.nets import create_model
 
@@ -31,14 +30,6 @@ MASK_SUFFIX = ".mask"
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kaist_state_dict(obj: Any, src: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -116,7 +107,7 @@ def import_kaist(src: Path, arch: str) -> dict[str, Any]:
     source = {
         "format": "kaist",
         "file": src.name,
-        "sha256": _sha256(src),
+        "sha256": file_digest(src),
         "entry": entry,
         "masks_folded": n_masks,
         "weights_zeroed_by_masks": zeroed,

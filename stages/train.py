@@ -22,6 +22,7 @@ def train_command(
 ) -> None:
     from micronet import runner
     from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.compression import count_parameters
     from micronet.compression.dnw import apply_dnw, bake_dnw, density_report
     from micronet.data import num_classes
     from micronet.nets import create_model
@@ -58,7 +59,7 @@ def train_command(
         if sparse_layers:
             bake_dnw(model)
         if runtime.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
+            n_params = count_parameters(model)
             checkpoint = make_checkpoint(model, model_cfg.arch, model_cfg.args, stage=section,
                                          mlflow_run_id=track.run_id)
             atomic_save(checkpoint, output)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from micronet.compression import check_layer_names
 from micronet.errors import MicronetError
 
 SPARSE_TYPES = (nn.Conv2d, nn.Linear)  # BatchNorm and biases stay dense
@@ -76,10 +77,7 @@ def apply_dnw(model: nn.Module, density: float, exclude: list[str] = ()) -> list
     names of the layers made sparse. Call it before the optimizer is built and before a resume file is
     loaded (its keys are the parametrized ones)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SPARSE_TYPES)}
-    unknown = sorted(set(exclude) - set(layers))
-    if unknown:
-        raise MicronetError(f"train.dnw.exclude names no conv/linear layer {unknown}; "
-                            f"layers look like {list(layers)[:3]}")
+    check_layer_names(exclude, layers, "train.dnw.exclude", kind="conv/linear layer")
     if _dnw_layers(model):
         raise MicronetError("apply_dnw: the model is already DNW-sparse (bake_dnw it first to re-apply)")
     sparse = [name for name in layers if name not in exclude]

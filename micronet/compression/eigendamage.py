@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from micronet.compression import check_layer_names, count_parameters, replace_module
 from micronet.compression.factorized import Factorized, FactorizedConv2d, FactorizedLinear, set_factors
 from micronet.errors import MicronetError
 
@@ -60,9 +61,7 @@ Unit = Union[nn.Conv2d, nn.Linear, FactorizedConv2d, FactorizedLinear]
 def prunable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Unit]:
     """Every Conv2d and Linear (the factorized ones as one unit each), minus the excluded module names."""
     exclude = set(exclude)
-    known = {name for name, _ in model.named_modules()}
-    if missing := sorted(exclude - known):
-        raise MicronetError(f"prune exclude names no layer {missing}; layers look like {sorted(known)[1:4]}")
+    check_layer_names(exclude, [name for name, _ in model.named_modules()][1:], "prune.exclude")
     units: dict[str, Unit] = {}
     inside: list[str] = []
     for name, m in model.named_modules():
@@ -128,10 +127,6 @@ def _output_map(unit: Unit) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     w = unit.weight
     bias = None if _folds_bias(unit) or unit.bias is None else unit.bias.detach()
     return torch.eye(w.shape[0], device=w.device, dtype=w.dtype), bias
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---- K-FAC statistics ------------------------------------------------------------------------------------
@@ -311,9 +306,6 @@ def collect_kfac(
     exclude: Iterable[str] = (),
     fisher: str = "true",
     train_mode: bool = False,
-    ema: float = EMA,
-    damping: float = DAMPING,
-    correct_eigenvalues: bool = True,
     seed: int = 0,
 ) -> KFAC:
     """K-FAC factors, their eigenbases and corrected eigenvalues for every prunable layer of `model` (already
@@ -363,8 +355,8 @@ def collect_kfac(
                         factors[name] = LayerFactors("conv" if isinstance(_core(unit), nn.Conv2d) else "linear", A, G)
                     else:
                         f = factors[name]
-                        f.A.mul_(ema).add_(A, alpha=1 - ema)
-                        f.G.mul_(ema).add_(G, alpha=1 - ema)
+                        f.A.mul_(EMA).add_(A, alpha=1 - EMA)
+                        f.G.mul_(EMA).add_(G, alpha=1 - EMA)
                 examples += x.shape[0]
                 seen = i + 1
     finally:
@@ -383,16 +375,11 @@ def collect_kfac(
     stats.seconds["factors"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    eigendecompose(stats, damping)
+    eigendecompose(stats)
     stats.seconds["eigendecomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if correct_eigenvalues:
-        _correct_eigenvalues(model, units, stats, first, train_mode, cuda)
-    else:
-        for f, unit in zip(factors.values(), units.values()):
-            taps = _core_matrix(unit).shape[2]
-            f.s = (f.l_G[:, None] * f.l_A[None, :])[:, :, None].expand(-1, -1, taps).contiguous()
+    _correct_eigenvalues(model, units, stats, first, train_mode, cuda)
     stats.seconds["correction"] = time.perf_counter() - start
     return stats
 
@@ -579,11 +566,6 @@ class BringBackPool:
 # ---- the steps ----------------------------------------------------------------------------------------------
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _build(unit: Unit, input_weight: torch.Tensor, input_bias: Optional[torch.Tensor], core: torch.Tensor,
            output_weight: torch.Tensor, output_bias: Optional[torch.Tensor]) -> nn.Module:
     """A factorized layer with these factors, on the unit's device and dtype. `core` is (out, in, taps)."""
@@ -613,7 +595,7 @@ def prune_step(
     deleted directions in `pool`. Returns a JSON-ready report."""
     names = list(stats.layers)
     units = {n: model.get_submodule(n) for n in names}
-    before = _parameters(model)
+    before = count_parameters(model)
     rotated, rows, cols = {}, [], []
     with torch.no_grad():
         for name in names:
@@ -644,7 +626,7 @@ def prune_step(
                 out_w @ q_g.to(dtype),
                 out_b,
             )
-            _replace(model, name, new)
+            replace_module(model, name, new)
             if pool is not None:
                 pool.record(name, float(rows[i][row_gone].sum()) / total, float(cols[i][col_gone].sum()) / total,
                             int(row_gone.sum()), int(col_gone.sum()))
@@ -654,7 +636,7 @@ def prune_step(
     gone = int(sum(int(t.sum()) for t in removed))
     return {
         "parameters_before": before,
-        "parameters_after": _parameters(model),
+        "parameters_after": count_parameters(model),
         "entries": entries,
         "entries_removed": gone,
         "entry_rate": gone / entries,
@@ -707,20 +689,20 @@ def bring_back_step(
         units[name] = unit
     requested = int(back_ratio * pool.total_deleted())
     added = pool.allocate(back_ratio, {n: _room(u) for n, u in units.items()}, generator)
-    before = _parameters(model)
+    before = count_parameters(model)
     layers = {}
     with torch.no_grad():
         for name, (n_rows, n_cols) in added.items():
             unit = units[name]
             if n_rows or n_cols:
-                _replace(model, name, _grown(unit, n_rows, n_cols, generator))
+                replace_module(model, name, _grown(unit, n_rows, n_cols, generator))
             layers[name] = {"rows_added": n_rows, "cols_added": n_cols, "out_rank": unit.out_rank + n_rows,
                             "in_rank": unit.in_rank + n_cols}
     pool.deleted_rows = {n: 0 for n in pool.deleted_rows}
     pool.deleted_cols = {n: 0 for n in pool.deleted_cols}
     return {
         "parameters_before": before,
-        "parameters_after": _parameters(model),
+        "parameters_after": count_parameters(model),
         "entries_requested": requested,
         "entries_added": sum(r + c for r, c in added.values()),
         "layers": layers,

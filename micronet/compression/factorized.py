@@ -21,6 +21,7 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
+from micronet.compression import replace_module
 from micronet.errors import MicronetError
 
 
@@ -158,8 +159,7 @@ def apply_factorization_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) 
         new = _factorized_like(name, old, spec)
         ref = next(old.parameters())
         new.to(device=ref.device, dtype=ref.dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, new)
     return model
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from micronet.compression import replace_module
 from micronet.errors import MicronetError
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -121,16 +122,11 @@ def batchnorm_to_affine(bn: BatchNorm) -> None:
     bn.running_var.fill_(1.0 - bn.eps)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def fold_batchnorms(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> list[list[str]]:
     folded = []
     for layer_name, bn_name in pairs:
         fold_batchnorm(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
         folded.append([layer_name, bn_name])
     return folded
 
@@ -237,7 +233,7 @@ def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module
         layer = model.get_submodule(layer_name)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
     for name in spec["weight_layers"]:
         model.get_submodule(name).weight_bits = spec["weight_bits"]
     add_activation_quantizers(model, spec["activation_layers"], spec["activation_bits"])

@@ -6,17 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.errors import MicronetError
+from micronet.compression import check_layer_names
 
 Masks = dict[str, torch.Tensor]  # parameter name -> {0, 1} tensor of the weight's shape
 
 
 def prunable_weights(model: nn.Module, exclude: list[str] = ()) -> dict[str, nn.Parameter]:
     """Weights of every Conv2d and Linear, minus the excluded module names (e.g. the first conv)."""
-    known = {name for name, _ in model.named_modules()}
-    missing = sorted(set(exclude) - known)
-    if missing:
-        raise MicronetError(f"sparsify.exclude names no layer {missing}; layers look like {sorted(known)[1:4]}")
+    check_layer_names(exclude, [name for name, _ in model.named_modules()][1:], "sparsify.exclude")
     return {
         f"{name}.weight": m.weight
         for name, m in model.named_modules()
