@@ -18,7 +18,7 @@ def score_command(
 ) -> None:
     from micronet import runner
     from micronet.checkpoint import load_model
-    from micronet.data import build_splits
+    from micronet.data import build_test
     from micronet.scoring import count
     from micronet.tracking import QUALIFIES_TAG, stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
@@ -28,7 +28,7 @@ def score_command(
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     model, source = load_model(input)
     model.to(runtime.device)
-    test = build_splits(params.data).test
+    test = build_test(params.data)
     result = evaluate(model, make_loader(test, params.data.eval_batch_size, runtime, train=False,
                                          workers=params.data.workers), runtime)
     counted = count(model, tuple(test[0][0].shape), freebie=cfg.freebie)

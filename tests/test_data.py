@@ -24,6 +24,7 @@ from micronet.data import (
     CIFAR100_STD,
     SyntheticCIFAR100,
     build_splits,
+    build_test,
     build_transform,
     load_cifar100,
     num_classes,
@@ -133,6 +134,11 @@ def test_build_splits(synth):
     # Val and test are deterministic (eval transform); train is augmented (crop + flip by default).
     assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.test[0][0], s.test[0][0])
     assert s.val.dataset.data is s.train.dataset.data  # one copy of the images, two transforms
+    # The score stage's test split alone: the same images and labels, with data.mean/std when they are set.
+    test = build_test(DataConfig(root=str(synth), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    assert test.targets == s.test.targets and (test.data == s.test.data).all()
+    mean, std = torch.tensor(CIFAR100_MEAN)[:, None, None], torch.tensor(CIFAR100_STD)[:, None, None]
+    assert torch.allclose(test[0][0], (s.test[0][0] * std + mean - 0.5) / 0.25, atol=1e-5)
     assert s.train_eval.indices == s.train.indices and torch.equal(s.train_eval[0][0], s.train_eval[0][0])
     torch.manual_seed(0)
     assert any(not torch.equal(s.train[0][0], s.train[0][0]) for _ in range(5))
@@ -282,15 +288,6 @@ def test_faa_picks_one_sub_policy_and_respects_probability():
 
 
 # --- the synthetic data is learnable ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_thread():
-    # On a busy 2-core machine, 2 intra-op threads spin against each other (measured ~10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_synthetic_is_learnable(tmp_path, one_thread):

@@ -20,6 +20,7 @@ from micronet.data import (
     IMAGENET_STD,
     build_imagenet_transform,
     build_splits,
+    build_test,
     ensure_dataset,
     num_classes,
     synthetic_imagenet_manifest,
@@ -126,6 +127,22 @@ def test_train_and_val_must_hold_the_same_classes(synth, tmp_path):
     shutil.rmtree(root / "val" / "n00000002")
     with pytest.raises(MicronetError, match=r"only in train: \['n00000002'\]"):
         build_splits(_cfg(root))
+
+
+def test_the_score_stage_reads_the_val_folder_without_listing_train(synth, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(synth, root)
+    expected = build_splits(_cfg(root)).test
+    for image in (root / "train").rglob("*.JPEG"):
+        image.unlink()  # train/ unreadable as a data set: only its class folders are left
+    with pytest.raises(MicronetError, match="ImageNet not usable"):
+        build_splits(_cfg(root))
+    test = build_test(_cfg(root))
+    assert test.samples == expected.samples
+    assert torch.equal(test[0][0], expected[0][0])
+    shutil.rmtree(root / "train" / "n00000001")
+    with pytest.raises(MicronetError, match=r"only in val: \['n00000001'\]"):
+        build_test(_cfg(root))  # one index mapping for train and val still checked
 
 
 # --- splits and transforms -----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ No DataLoaders here: the training module builds those (it knows the batch sizes 
 
 from __future__ import annotations
 
+from torch.utils.data import Dataset
+
 from micronet.config import DataConfig
 from micronet.data.cifar import (
     BASE_FOLDER,
@@ -13,6 +15,7 @@ from micronet.data.cifar import (
     SyntheticCIFAR100,
     build_transform,
     cifar100_splits,
+    cifar100_test,
     ensure_cifar100,
     load_cifar100,
     synthetic_manifest,
@@ -25,6 +28,7 @@ from micronet.data.imagenet import (
     ensure_imagenet,
     imagenet_num_classes,
     imagenet_splits,
+    imagenet_test,
     load_imagenet,
     synthetic_imagenet_manifest,
     write_synthetic_imagenet,
@@ -33,7 +37,7 @@ from micronet.data.splits import Splits, split_indices
 
 __all__ = [
     "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Splits",
-    "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_transform", "ensure_dataset",
+    "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_test", "build_transform", "ensure_dataset",
     "load_cifar100", "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest",
     "synthetic_manifest", "write_synthetic_cifar100", "write_synthetic_imagenet",
 ]
@@ -59,3 +63,10 @@ def build_splits(cfg: DataConfig) -> Splits:
     if cfg.dataset == "imagenet":
         return imagenet_splits(cfg)
     return cifar100_splits(cfg)
+
+
+def build_test(cfg: DataConfig) -> Dataset:
+    """The test split alone (eval transform), for the score stage: nothing of the training data is read."""
+    if cfg.dataset == "imagenet":
+        return imagenet_test(cfg)
+    return cifar100_test(cfg)

@@ -157,6 +157,13 @@ def _with_transform(ds: CIFAR100, transform: Callable) -> CIFAR100:
     return view
 
 
+def cifar100_test(cfg: DataConfig) -> CIFAR100:
+    """The test file (eval transform): all the score stage reads."""
+    transform = build_transform(cfg.augment, train=False, mean=cfg.mean or CIFAR100_MEAN,
+                                std=cfg.std or CIFAR100_STD, size=cfg.image_size or 32)
+    return load_cifar100(cfg.root, train=False, download=False, transform=transform)
+
+
 def cifar100_splits(cfg: DataConfig) -> Splits:
     """Train (train transform; one view per entry of data.copies), val held out of the training file (eval
     transform), test (eval transform)."""
@@ -166,7 +173,7 @@ def cifar100_splits(cfg: DataConfig) -> Splits:
     eval_tf = build_transform(cfg.augment, train=False, mean=mean, std=std, size=size)
     full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=eval_tf)
     train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
-    test = load_cifar100(cfg.root, train=False, download=False, transform=eval_tf)
+    test = cifar100_test(cfg)
     copies = [Subset(_with_transform(full, build_transform(aug, True, mean, std, size)), train_idx) for aug in augments]
     train = copies[0] if len(copies) == 1 else ConcatDataset(copies)
     val = Subset(full, val_idx) if val_idx else None

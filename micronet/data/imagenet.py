@@ -153,17 +153,23 @@ def _with_transform(ds: ImageFolder, transform: Callable) -> ImageFolder:
     return view
 
 
+def imagenet_test(cfg: DataConfig) -> ImageFolder:
+    """The official val/ folder (eval transform): all the score stage reads, so train/'s 1.28M files are not
+    listed for it (check_imagenet still makes sure both hold the same class folders)."""
+    check_imagenet(cfg.root)
+    return load_imagenet(cfg.root, "val", transform=build_imagenet_transform(cfg, cfg.augment, train=False))
+
+
 def imagenet_splits(cfg: DataConfig) -> Splits:
     """Train (train transform); val: data.val_size images held out of train/ (seeded, eval transform);
     test: the official val/ folder (eval transform, the score stage only); train_eval: train, eval transform."""
     if cfg.copies:
         raise MicronetError("data.copies (several augmented copies of the training set) is CIFAR-only; "
                             "use data.augment for imagenet")
-    check_imagenet(cfg.root)
+    test = imagenet_test(cfg)
     train_tf = build_imagenet_transform(cfg, cfg.augment, train=True)
     eval_tf = build_imagenet_transform(cfg, cfg.augment, train=False)
     full = load_imagenet(cfg.root, "train", transform=train_tf)
-    test = load_imagenet(cfg.root, "val", transform=eval_tf)
     if test.class_to_idx != full.class_to_idx:  # a class folder with no images is dropped by one of them
         raise MicronetError(f"ImageNet at {cfg.root}: train/ and val/ class folders differ once empty ones are "
                             "skipped; every class folder needs at least one image in both")
