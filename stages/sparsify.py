@@ -47,8 +47,9 @@ def sparsify_command(
         return masks
 
     def measure(model: nn.Module, target: float) -> dict:
-        eligible = {n: r for n, r in sparsity_report(model).items() if n not in cfg.exclude}
-        return {"sparsity": overall_sparsity(eligible)}
+        eligible = prunable_weights(model, cfg.exclude)  # the same layers the masks cover
+        return {"sparsity": overall_sparsity({n: r for n, r in sparsity_report(model).items()
+                                              if f"{n}.weight" in eligible})}
 
     with stage_run("sparsify", params, params_path, enabled=runtime.is_main) as track:
         track.log_params({"sparsify": cfg.model_dump()})

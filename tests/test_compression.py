@@ -143,6 +143,16 @@ def test_global_magnitude_masks_hit_the_exact_rate_and_respect_exclude():
     assert torch.equal(torch.cat([w.detach().flatten() for w in weights.values()]) != 0, keep)
 
 
+def test_exclude_keeps_a_factorized_layer_whole():
+    from micronet.compression.factorized import FactorizedConv2d
+
+    model = nn.Sequential()
+    model.add_module("conv1", FactorizedConv2d(3, 8, 2, 4, 3, padding=1))
+    model.add_module("conv10", nn.Conv2d(8, 8, 1))  # a name that merely starts like the excluded one
+    assert list(prunable_weights(model, exclude=["conv1"])) == ["conv10.weight"]
+    assert len(prunable_weights(model, exclude=["conv1.core"])) == 3
+
+
 def test_exclude_unknown_layer_is_an_error():
     with pytest.raises(MicronetError, match="names no layer"):
         prunable_weights(toy(), exclude=["conv_first"])

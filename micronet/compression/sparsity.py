@@ -12,12 +12,13 @@ Masks = dict[str, torch.Tensor]  # parameter name -> {0, 1} tensor of the weight
 
 
 def prunable_weights(model: nn.Module, exclude: list[str] = ()) -> dict[str, nn.Parameter]:
-    """Weights of every Conv2d and Linear, minus the excluded module names (e.g. the first conv)."""
+    """Weights of every Conv2d and Linear, minus the excluded modules and all inside them (e.g. the first conv,
+    which after low-rank pruning is three convs under the same name)."""
     check_layer_names(exclude, [name for name, _ in model.named_modules()][1:], "sparsify.exclude")
     return {
         f"{name}.weight": m.weight
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in exclude
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name == e or name.startswith(e + ".") for e in exclude)
     }
 
 
