@@ -29,7 +29,7 @@ $(UV):
 	@test -x "$(UV)" || { echo "uv not found after install; put it on PATH or set UV=..."; exit 1; }
 
 install: $(UV)
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 
 # A pipeline's toy.yaml (if any) is applied to its params.yaml, then the pipeline runs as a DVC experiment, so it
 # is the baseline later `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
