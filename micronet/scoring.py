@@ -104,8 +104,9 @@ class Count:
             "freebie": bool(self.freebie),
         }
 
-    def table(self) -> str:
-        """Per-layer summary in the organizers' style, then the totals."""
+    def table(self, tasks: Sequence[str] = ("cifar100", "imagenet")) -> str:
+        """Per-layer summary in the organizers' style, then the totals and the score on each of `tasks` (the
+        normalizers differ per track: a score without its task means nothing)."""
         head = ("name", "kind", "in shape", "out shape", "sparsity", "bits", "param bits", "mults", "adds")
         rows = [
             (
@@ -137,8 +138,8 @@ class Count:
             f"mults       {_fmt(self.mults)}",
             f"adds        {_fmt(self.adds)}",
             f"flops       {_fmt(self.flops)}  (32-bit equivalents)",
-            f"score       {self.score('cifar100'):.6f}  (cifar100)",
         ]
+        out += [f"score       {self.score(task):.6f}  ({task})" for task in tasks]
         return "\n".join(out)
 
 

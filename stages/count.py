@@ -49,10 +49,7 @@ def count_command(
                 if p.dim() > 1:
                     p[p == 0] = 1e-3
     result = count(model, size, freebie=freebie)
-    typer.echo(result.table())
-    typer.echo("")
-    for task in TASKS:
-        typer.echo(f"score {task:<9} {result.score(task):.6f}")
+    typer.echo(result.table(tasks=TASKS))
 
 
 def models_command() -> None:

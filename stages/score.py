@@ -47,7 +47,7 @@ def score_command(
         "adds": counted.adds,
     }
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(counted.table() + "\n")
+    table.write_text(counted.table(tasks=[cfg.task]) + "\n")
     with stage_run("score", params, params_path) as track:
         track.log_artifact(table)
         track.set_tags({QUALIFIES_TAG: str(qualifies).lower(), "precision": "quantized" if counted.quantized else (

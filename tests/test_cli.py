@@ -141,7 +141,8 @@ def test_count_reads_a_saved_checkpoint(tmp_path):
     proc = micronet("count", "--checkpoint", "s.pt", "--freebie", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     expected = count(model, (3, 32, 32), freebie=True)
-    assert f"score cifar100  {expected.score('cifar100'):.6f}" in proc.stdout
+    assert f"score       {expected.score('cifar100'):.6f}  (cifar100)" in proc.stdout
+    assert f"score       {expected.score('imagenet'):.6f}  (imagenet)" in proc.stdout
     assert f"param bits  {expected.param_bits:,.0f}" in proc.stdout and "0.5" in proc.stdout
     both = micronet("count", "--checkpoint", "s.pt", "--arch", "pyramidnet", cwd=tmp_path)
     assert both.returncode == 2 and "exactly one of --arch" in both.stderr

@@ -116,6 +116,8 @@ def test_dnw_toy_pipeline(tmp_path):
     dnw = repo / "pipelines/dnw"
     score = score_matches_checkpoint(dnw, "models/train.pt", task="imagenet")
     assert score["total"] == 50  # the official val folder: 5 classes x 10
+    table = (dnw / "metrics/score_layers.txt").read_text()
+    assert table.rstrip().endswith(f"score       {score['score']:.6f}  (imagenet)") and "(cifar100)" not in table
     layers = json.loads((dnw / "metrics/train_layers.json").read_text())
     assert layers.pop("conv1")["density"] == 1.0 and len(layers) == 53  # the stem stays dense; the rest sparse
     for name, row in layers.items():

@@ -410,6 +410,8 @@ def test_table_and_dict():
                  "conv1+bn1", "params", "flops", "score"):
         assert word in text
     assert f"{c.mults:,.0f}" in text
+    assert f"score       {c.score('imagenet'):.6f}  (imagenet)" in c.table(tasks=["imagenet"])
+    assert "(cifar100)" not in c.table(tasks=["imagenet"])  # the score stage's table: its own track only
     d = c.to_dict()
     assert set(d) == {"param_bits", "params", "mults", "adds", "flops", "quantized", "freebie"}
     assert d["params"] == d["param_bits"] / 32
