@@ -435,7 +435,8 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
              f"{len(experiments)} experiments: {', '.join(experiments)}. Generated {when}.")
     note_runs = ("Changed params: the params whose values differ between the runs of the same experiment. "
                  "Published score: the leaderboard score of the entry the pipeline reproduces. "
-                 "Unfinished runs (no score yet) are listed but not plotted.")
+                 "Unfinished runs (no score of their own: a stage failed or still runs, or DVC skipped the score "
+                 "stage because an earlier stage wrote the same output as before) are listed but not plotted.")
     note_published = ("Numbers as each team published them, counted their way (see below); this project re-counts "
                       "every model with one counter, so its scores are not expected to match. "
                       "* = the entry the pipeline reproduces.")

@@ -63,7 +63,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     # EigenDamage: steps until a prune step reaches the rate; the checkpoint holds the factorization plan and a
     # plain rebuild computes what was saved
     prune = json.loads((demo / "metrics/prune.json").read_text())
-    assert prune["rate"] >= 0.4 and prune["parameters"] < prune["parameters_before"]
+    assert prune["rate"] >= 0.3 and prune["parameters"] < prune["parameters_before"]
     assert set(prune) == {"rate", "parameters", "parameters_before", "val_accuracy", "steps"}  # measured numbers
     pruned = torch.load(demo / "models/prune.pt", map_location="cpu", weights_only=True)
     assert pruned["factorization"] and all(v["kind"] in ("conv", "linear") for v in pruned["factorization"].values())
