@@ -45,7 +45,7 @@ RUNS_VIEW = ("#/experiments/{id}/runs?workflowType=machine_learning&searchFilter
              + "&orderByKey=" + quote("metrics.`score`", safe="") + "&orderByAsc=true")
 CHARTS_VIEW = RUNS_VIEW + "&compareRunsMode=CHART"
 RUN_ARTIFACTS_VIEW = "#/experiments/{id}/runs/{run}/artifacts/pareto.png?workflowType=machine_learning"
-WINDOW = (1400, 1000)
+WINDOW = (1920, 1080)  # a desktop: narrower, MLflow 3.17's Assistant panel hides the runs table's metric columns
 
 
 def find_browser() -> Optional[str]:
