@@ -18,21 +18,18 @@ from micronet.importers import import_kaist
 from micronet.nets import create_model
 from stages.import_checkpoint import import_command
 
+from counting import randomize_bn
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned_micronet(arch: str = "kaist_micronet_v1", rate: float = 0.6) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A model as KAIST's pruning leaves it: global magnitude masks applied, BN statistics non-trivial."""
-    model = create_model(arch)
+    model = randomize_bn(create_model(arch))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
                 m.bias.uniform_(-0.5, 0.5)
         masks = global_magnitude_masks(prunable_weights(model), rate)
         params = dict(model.named_parameters())

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from micronet.nets import create_model, list_models
 from micronet.scoring import count
 
+from counting import randomize_bn
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,18 +25,6 @@ def dense(model: nn.Module) -> nn.Module:
         for p in model.parameters():
             if p.dim() > 1:
                 p[p == 0] = 1e-3
-    return model
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a forward check sees every BN."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
     return model
 
 
