@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch.nn as nn
@@ -27,6 +28,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise MicronetError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
+
+
+def fan_out_normal_(conv: nn.Conv2d) -> None:
+    """N(0, sqrt(2 / (k*k*out))) weights and zero bias (depthwise and SE convs alike): the conv init of the
+    KAIST and UCI code, which both derive from the same EfficientNet/MobileNet reference."""
+    fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
 
 
 # Importing the families registers their builders.

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from micronet.nets import register_model
+from micronet.nets import fan_out_normal_, register_model
 
 # Stages of EfficientNet-B0 for 32x32: (expand ratio, channels, repeats, first stride, kernel)
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -148,10 +148,7 @@ class EfficientNetCifar(nn.Module):
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # fan-out normal, as the submission (depthwise included)
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                fan_out_normal_(m)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

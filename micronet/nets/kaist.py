@@ -18,12 +18,11 @@ Two things in their code a reader would not expect, both kept:
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
-from micronet.nets import register_model
+from micronet.nets import fan_out_normal_, register_model
 
 # Rows: (expansion, out channels, blocks, stride of the first block).
 CFG_V1 = [(3, 16, 2, 1), (3, 32, 1, 2), (3, 32, 1, 1), (3, 48, 3, 1), (3, 72, 1, 2), (3, 72, 4, 1),
@@ -102,10 +101,7 @@ class MicroNet(nn.Module):
         linear N(0, 0.01) with bias 0, BN 1 / 0."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                fan_out_normal_(m)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
