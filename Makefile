@@ -59,10 +59,10 @@ screenshots: install
 	$(RUN) python bench/screenshots.py
 
 report: install
-	$(RUN) micronet report --output reports
+	$(RUN) micronet report --output reports --mlflow-url http://127.0.0.1:$(MLFLOW_PORT)
 
 mlflow-ui: install
-	@echo "MLflow runs view: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
+	@$(RUN) micronet views --port $(MLFLOW_PORT)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root file://$(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

@@ -21,6 +21,7 @@ from stages.report import report_command
 from stages.score import score_command
 from stages.sparsify import sparsify_command
 from stages.train import train_command
+from stages.views import views_command
 
 app = typer.Typer(
     help="MicroNet Challenge pipelines: train -> structured prune -> sparsify -> quantize -> score.",
@@ -47,6 +48,8 @@ app.command("models", help="List the registered architectures.")(models_command)
 app.command("import", help="Turn a submission's released checkpoint into a micronet checkpoint.")(import_command)
 app.command("report", help="Compare pipeline runs with each other and the published figures (reports/).")(
     report_command)
+app.command("views", help="Links to each pipeline experiment's runs table in the MLflow UI, scores shown.")(
+    views_command)
 
 
 def main() -> None:

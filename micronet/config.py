@@ -306,7 +306,13 @@ class TrackingConfig(Section):
     experiment: str = "micronet"
     pipeline: str = Field("", description="the submission this pipeline reproduces (wave, kaist, fastai-wrn, uci, "
                           "dnw): the report compares it with that team's published figures")
+    registered_model: str = Field("", description="the MLflow registered model the score stage adds its model to "
+                                  "as a new version; empty: micronet-<pipeline>")
     enabled: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or f"micronet-{self.pipeline or self.experiment}"
 
 
 # Pipelines with several training stages (UCI's teacher chain) give each its own top-level section.

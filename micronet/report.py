@@ -27,7 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from micronet.errors import MicronetError
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
-from micronet.tracking import PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, ensure_experiment, tracking_uri
+from micronet.tracking import (
+    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, ensure_experiment, tracking_uri,
+)
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves: the report's links point there
 
 DEMO_PREFIX = "demo-"  # experiments of the toy pipelines: synthetic data, their accuracy means nothing
 REPORT_EXPERIMENT = "micronet-report"
@@ -135,6 +139,8 @@ class PipelineRun:
     metrics: dict[str, float]
     qualifies: Optional[bool]
     commit: str
+    experiment_id: str = ""
+    model: Optional[tuple[str, str]] = None  # (registered model name, version) the score stage registered
 
     @property
     def demo(self) -> bool:
@@ -202,6 +208,8 @@ def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> li
                 name=run.info.run_name or tags.get(PIPELINE_RUN_TAG, run.info.run_id), pipeline=pipeline,
                 task=_task(params, pipeline), params=params, metrics=metrics,
                 qualifies=_qualifies(tags), commit=tags.get(MLFLOW_GIT_COMMIT, ""),
+                experiment_id=run.info.experiment_id,
+                model=(tags[MODEL_NAME_TAG], tags[MODEL_VERSION_TAG]) if MODEL_VERSION_TAG in tags else None,
             ))
         token = page.token
         if not token:
@@ -348,8 +356,30 @@ def _published_score(published: Optional[Published]) -> str:
     return f"{_as_published(entry.leaderboard or entry.score)} ({entry.name})"
 
 
-def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published]) -> list[dict[str, str]]:
-    """One row of text cells per run, in report order (the Markdown and HTML tables both show these)."""
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links to a page of the MLflow UI."""
+
+    text: str
+    url: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def run_links(run: PipelineRun, ui: str = MLFLOW_UI) -> tuple[Link, Link | str]:
+    """The run's page and its registered model version's page in the MLflow UI ("-" when none was registered)."""
+    ui = ui.rstrip("/")
+    page = Link(run.run_id[:8], f"{ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}")
+    if run.model is None:
+        return page, "-"
+    name, version = run.model
+    return page, Link(f"{name} v{version}", f"{ui}/#/models/{name}/versions/{version}")
+
+
+def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published], ui: str = MLFLOW_UI,
+             ) -> list[dict[str, str | Link]]:
+    """One row of cells per run, in report order (the Markdown and HTML tables both show these)."""
     changed = changed_params(runs)
     rows = []
     for run in runs:
@@ -366,6 +396,7 @@ def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published]) -> li
             "qualifies": qualifies,
             "published score": _published_score(published.get(run.pipeline)),
         })
+        rows[-1]["mlflow run"], rows[-1]["registered model"] = run_links(run, ui)
     return rows
 
 
@@ -389,21 +420,28 @@ def published_rows(published: dict[str, Published]) -> list[dict[str, str]]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+def markdown_table(rows: Sequence[dict[str, str | Link]]) -> str:
     if not rows:
         return "(none)\n"
-    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    text = lambda value: str(value).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    cell = lambda value: f"[{text(value)}]({value.url})" if isinstance(value, Link) else text(value)  # noqa: E731
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def html_table(rows: Sequence[dict[str, str]]) -> str:
+def _html_cell(value: str | Link) -> str:
+    if isinstance(value, Link):
+        return f"<a href=\"{html.escape(value.url)}\">{html.escape(value.text)}</a>"
+    return html.escape(str(value))
+
+
+def html_table(rows: Sequence[dict[str, str | Link]]) -> str:
     if not rows:
         return "<p>(none)</p>"
     header = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_html_cell(v)}</td>" for v in row.values()) + "</tr>"
                    for row in rows)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -422,12 +460,13 @@ img{max-width:100%;border:1px solid #ddd}dt{font-weight:600;margin-top:.5em}dd{m
 
 
 def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[dict[str, Published]] = None,
-                 ) -> dict[str, Path]:
-    """pareto.png, summary.md and index.html for `runs` in `output`; returns the paths by file name."""
+                 ui: str = MLFLOW_UI) -> dict[str, Path]:
+    """pareto.png, summary.md and index.html for `runs` in `output` (links to the MLflow UI at `ui`); returns the
+    paths by file name."""
     published = published_figures() if published is None else published
     output.mkdir(parents=True, exist_ok=True)
     png = draw_pareto(runs, published, output / "pareto.png")
-    rows, figures = run_rows(runs, published), published_rows(published)
+    rows, figures = run_rows(runs, published, ui), published_rows(published)
     finished = sum(r.finished for r in runs)
     experiments = sorted({r.experiment for r in runs})
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -435,6 +474,7 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
              f"{len(experiments)} experiments: {', '.join(experiments)}. Generated {when}.")
     note_runs = ("Changed params: the params whose values differ between the runs of the same experiment. "
                  "Published score: the leaderboard score of the entry the pipeline reproduces. "
+                 f"MLflow run and registered model: their pages in the MLflow UI at {ui} (`make mlflow-ui`). "
                  "Unfinished runs (no score of their own: a stage failed or still runs, or DVC skipped the score "
                  "stage because an earlier stage wrote the same output as before) are listed but not plotted.")
     note_published = ("Numbers as each team published them, counted their way (see below); this project re-counts "
@@ -484,7 +524,8 @@ def log_report(client: Any, files: dict[str, Path], runs: Sequence[PipelineRun],
     return run_id
 
 
-def make_report(output: Path, experiments: Optional[Sequence[str]] = None) -> tuple[dict[str, Path], str]:
+def make_report(output: Path, experiments: Optional[Sequence[str]] = None, ui: str = MLFLOW_UI,
+                ) -> tuple[dict[str, Path], str]:
     """Collect the pipeline runs, write the report into `output` and log it; returns (files, report run id)."""
     from mlflow.tracking import MlflowClient
 
@@ -494,5 +535,5 @@ def make_report(output: Path, experiments: Optional[Sequence[str]] = None) -> tu
         where = f"experiments {', '.join(experiments)}" if experiments else tracking_uri()
         raise MicronetError(f"no pipeline runs (parent runs tagged {PIPELINE_TAG!r}) in {where}; "
                             "run a pipeline first (make demo), or set MLFLOW_TRACKING_URI to its store")
-    files = write_report(runs, output)
+    files = write_report(runs, output, ui=ui)
     return files, log_report(client, files, runs, experiments)

@@ -5,6 +5,7 @@ queued and temporary experiments (run in copies under .dvc/tmp/exps) share it.""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -20,15 +21,40 @@ PIPELINE_TAG = "micronet.pipeline"  # which submission the pipeline reproduces (
 STAGE_TAG = "micronet.stage"
 QUALIFIES_TAG = "qualifies"
 TEACHER_RUN_TAG = "micronet.teacher_run_id"
+MODEL_NAME_TAG = "micronet.registered_model"  # on a parent run: the registered model its score stage added to
+MODEL_VERSION_TAG = "micronet.registered_model_version"  # ... and the version it made
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
-def runs_view_url(host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The MLflow UI's experiments/runs view (MLflow 3 otherwise opens on its GenAI pages)."""
-    return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"
+# The runs table as `make mlflow-ui` opens it: MLflow 3's UI reads a saved view from the experiment tag
+# `mlflow.sharedViewState.<key>` when the URL carries `viewStateShareKey=<key>` (the "Share" button's format: a JSON
+# envelope {name, createdAt, updatedAt, state} whose state holds the search facets and the table's columns).
+RUNS_VIEW_KEY = "micronet-scores"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+HEADLINE_COLUMNS = ["metrics.`accuracy`", "metrics.`params`", "metrics.`flops`", "metrics.`score`",
+                    f"tags.`{QUALIFIES_TAG}`"]
+
+
+def runs_view_url(experiment_id: Optional[str] = None, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """An experiment's runs table in the saved view (or, without one, the list of experiments); workflowType
+    selects MLflow 3's classic runs pages over its GenAI ones."""
+    if experiment_id is None:
+        return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"
+    return (f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def save_runs_view(client, experiment_id: str) -> None:
+    """The saved view: only the pipelines' parent runs (stage runs would nest under them), best score first,
+    with accuracy, params, flops, score and qualifies as columns."""
+    state = {"searchFilter": f"tags.`{PIPELINE_TAG}` LIKE '%'", "orderByKey": "metrics.`score`",
+             "orderByAsc": True, "selectedColumns": HEADLINE_COLUMNS}
+    now = int(time.time() * 1000)
+    envelope = {"name": "micronet scores", "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(envelope))
 
 
 def pipeline_run_key(params_path: Path, name: str) -> str:
@@ -115,6 +141,7 @@ def ensure_experiment(client, name: str) -> str:
     # Artifacts beside the store (absolute), not in a ./mlruns folder of whichever directory a stage ran in.
     artifacts = (repository_root() / "mlartifacts" / name).as_uri()
     experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    save_runs_view(client, experiment_id)
     default = client.get_experiment("0")  # MLflow creates an empty "Default" with every new store
     if default is not None and default.lifecycle_stage == "active" and not client.search_runs(["0"], max_results=1):
         client.delete_experiment("0")

@@ -20,7 +20,7 @@ def score_command(
     from micronet.checkpoint import load_model
     from micronet.data import build_test
     from micronet.scoring import count
-    from micronet.tracking import QUALIFIES_TAG, stage_run
+    from micronet.tracking import MODEL_NAME_TAG, MODEL_VERSION_TAG, QUALIFIES_TAG, stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
     params = runner.prepare(params_path, single_process=True)
@@ -54,8 +54,27 @@ def score_command(
             "freebie" if counted.freebie else "32-bit"), "task": cfg.task}, parent=True)
         runner.publish(track, {metrics: summary},
                        {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score")}, parent=True)
+        if track.active:
+            version = register(track, input, model, test, params.tracking.model_name,
+                               {k: str(summary[k]).lower() for k in ("accuracy", "score", "qualifies")})
+            track.set_tags({MODEL_NAME_TAG: version.name, MODEL_VERSION_TAG: version.version}, parent=True)
+            typer.echo(f"score: registered as MLflow model models:/{version.name}/{version.version}")
     typer.echo(
         f"score ({cfg.task}, {source.get('stage') or 'checkpoint'}): accuracy {summary['accuracy']:.4f} "
         f"({summary['correct']}/{summary['total']}), params {summary['params']:,.2f}, flops {summary['flops']:,.2f}, "
         f"score {summary['score']:.6g}, qualifies {str(qualifies).lower()}; per-layer table in {table}"
     )
+
+
+def register(track, checkpoint: Path, model, test, name: str, tags: dict[str, str]):
+    """The scored checkpoint as a new version of registered model `name`; the first test images (as the score
+    stage saw them) are its input example."""
+    import torch
+
+    from micronet.registry import log_and_register
+
+    images = torch.stack([test[i][0] for i in range(min(4, len(test)))])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(images.to(device)).float().cpu()
+    return log_and_register(track.client, track.run_id, checkpoint, images, logits, name, tags)

@@ -14,6 +14,7 @@ from stage_deps import REPO, closure, command_modules
 PIPELINES = sorted(p.parent for p in [REPO / "dvc.yaml", *REPO.glob("pipelines/*/dvc.yaml")])
 ASSETS = {  # data files the code reads at run time
     REPO / "micronet/augment.py": [REPO / "micronet/assets/fast_autoaugment_policies.json"],
+    REPO / "micronet/registry.py": [REPO / "micronet/mlflow_model.py"],  # MLflow's "model from code" file
 }
 
 

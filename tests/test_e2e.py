@@ -3,6 +3,8 @@ re-runs only what the change touches; metrics, checkpoints and MLflow runs are w
 
 import json
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -99,6 +101,23 @@ def test_repro_then_experiment(repo, monkeypatch):
     assert children == ["prune", "quantize", "score", "sparsify", "train"]
     for key in ("accuracy", "params", "flops", "score"):
         assert parent.data.metrics[key] == pytest.approx(score[key])
+
+    # The score stage registered the quantized model: loaded by name it gives the checkpoint's logits on the test
+    # images, bit for bit; the version carries what it scored.
+    assert parent.data.tags["micronet.registered_model"] == "micronet-demo"
+    version = client.get_model_version("micronet-demo", parent.data.tags["micronet.registered_model_version"])
+    assert version.tags == {k: str(score[k]).lower() for k in ("accuracy", "score", "qualifies")}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
+    registered = mlflow.pyfunc.load_model("models:/micronet-demo/latest")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        logits = model.eval()(images)
+    assert np.array_equal(registered.predict(images.numpy()), logits.numpy())
+    assert (logits.argmax(1) == torch.tensor([test[i][1] for i in range(len(test))])).sum() == score["correct"]
+    # the saved runs view (experiment tag) that `micronet views` links to shows the headline columns
+    view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.micronet-scores"])["state"])
+    assert view["selectedColumns"] == ["metrics.`accuracy`", "metrics.`params`", "metrics.`flops`",
+                                       "metrics.`score`", "tags.`qualifies`"]
     train_run = next(r for r in runs if r.info.run_name == "train")
     assert len(client.get_metric_history(train_run.info.run_id, "val_acc")) == 2  # one point per epoch
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
@@ -135,3 +154,30 @@ def test_repro_then_experiment(repo, monkeypatch):
     header = next(line for line in shown.splitlines() if "Experiment" in line)
     assert all(column in header for column in ("accuracy", "score", "prune.rate")), shown
     assert "prune.rate" in header and "sparsify.rate" not in header  # params that differ between runs only
+
+    # Sharing: the experiment goes to a git remote and its checkpoints to the pipeline's default DVC remote
+    # (~/.cache/micronet/dvc-remote/demo, here under a temporary HOME); a fresh clone pulls them byte-identical.
+    # Then the committed route: `dvc push` of the workspace, dvc.lock in git, `dvc pull` in another clone.
+    share = {**env, "HOME": str(repo.parent / "home")}
+    origin = repo.parent / "origin.git"
+    run(["git", "init", "-q", "--bare", str(origin)], repo.parent, env)
+    run(["git", "remote", "add", "origin", str(origin)], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    name = run(["dvc", "exp", "list", "--name-only"], demo, env).split()[-1]
+    run(["dvc", "exp", "push", "origin", name], demo, share)
+    assert list((repo.parent / "home/.cache/micronet/dvc-remote/demo/files/md5").iterdir())
+    checkpoints = {p.name: p.read_bytes() for p in (demo / "models").glob("*.pt")}
+    assert set(checkpoints) == {"train.pt", "prune.pt", "sparsify.pt", "quantize.pt"}
+    clone = repo.parent / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], repo.parent, env)
+    run(["dvc", "exp", "pull", "origin", name], clone / "pipelines/demo", share)
+    run(["dvc", "exp", "apply", name], clone / "pipelines/demo", share)
+    assert {p.name: p.read_bytes() for p in (clone / "pipelines/demo/models").glob("*.pt")} == checkpoints
+    run(["dvc", "push"], demo, share)
+    run(["git", "add", "pipelines/demo/dvc.lock"], repo, env)
+    run(["git", "commit", "-qm", "the experiment as the baseline"], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    other = repo.parent / "other"
+    run(["git", "clone", "-q", str(origin), str(other)], repo.parent, env)
+    run(["dvc", "pull"], other / "pipelines/demo", share)
+    assert {p.name: p.read_bytes() for p in (other / "pipelines/demo/models").glob("*.pt")} == checkpoints

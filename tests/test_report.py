@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from micronet import report
 from micronet.errors import MicronetError
 from micronet.plots import compression_steps, training_curves
-from micronet.tracking import PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, tracking_uri
+from micronet.tracking import (
+    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, tracking_uri,
+)
 from stages.report import report_command
 
 BASE_PARAMS = {"train.epochs": "3", "prune.rate": "0.65", "score.task": "cifar100", "tracking.experiment": "x"}
@@ -21,7 +23,8 @@ def _parent(client, experiment_id, name, pipeline, params, metrics, qualifies="t
     run = client.create_run(
         experiment_id, run_name=name,
         tags={PIPELINE_RUN_TAG: name, PIPELINE_TAG: pipeline, "mlflow.source.git.commit": commit,
-              **({QUALIFIES_TAG: qualifies} if metrics else {})},
+              **({QUALIFIES_TAG: qualifies, MODEL_NAME_TAG: f"micronet-{pipeline}", MODEL_VERSION_TAG: "2"}
+                 if metrics else {})},
     )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
@@ -76,6 +79,13 @@ def test_report_writes_plot_tables_and_html_and_logs_them(tmp_path, monkeypatch)
     assert "train.epochs" not in summary and "commit=" not in row["wave-rate50"]  # equal values are not changes
     assert "commit=ab638e1" in row["demo-a"] and "commit=ffff000" in row["demo-b"]
     assert "| 0.8031 | 400,000 | 390,000,000 | 0.047 | yes | 0.0456 (submission 3) |" in row["wave-rate65"]
+    # each run links to its MLflow run page and to the model version its score stage registered
+    wave_id = client.get_experiment_by_name("wave").experiment_id
+    run_id = client.search_runs([wave_id], "attributes.run_name = 'wave-rate65'")[0].info.run_id
+    assert row["wave-rate65"].endswith(
+        f"| [{run_id[:8]}](http://127.0.0.1:5000/#/experiments/{wave_id}/runs/{run_id}) "
+        "| [micronet-wave v2](http://127.0.0.1:5000/#/models/micronet-wave/versions/2) |")
+    assert f"/#/experiments/{wave_id}/runs/" in row["wave-rate90"] and row["wave-rate90"].endswith(") | - |")  # none
     assert "| no |" in row["wave-rate80"] and "kaist (demo)" in row["demo-a"] and "0.0054 (ver1 60%)" in row["demo-a"]
     # runs in report order: by pipeline, then experiment, finished by score, unfinished last
     assert [line.split(" | ")[2] for line in run_lines] == [
@@ -90,6 +100,7 @@ def test_report_writes_plot_tables_and_html_and_logs_them(tmp_path, monkeypatch)
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
     assert "<script" not in page and "<link" not in page and 'src="http' not in page
     assert "wave-rate50" in page and "prune.rate=0.5" in page and "Discovering Neural Wirings" in page
+    assert f'<a href="http://127.0.0.1:5000/#/experiments/{wave_id}/runs/{run_id}">{run_id[:8]}</a>' in page
 
     experiment = client.get_experiment_by_name(report.REPORT_EXPERIMENT)
     (logged,) = client.search_runs([experiment.experiment_id])
