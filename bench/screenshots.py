@@ -32,14 +32,14 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from micronet.report import REPORT_EXPERIMENT, collect_runs
-from micronet.tracking import tracking_uri
+from micronet.tracking import runs_view_url, save_runs_view, tracking_uri
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 STARTUP_S = 300  # a cold `mlflow ui` takes a minute or more on a busy two-core machine
-# The MLflow 3 UI opens experiments in its GenAI view (traces): workflowType=machine_learning selects the classic
-# runs page. Its other query parameters (searchFilter, orderByKey, orderByAsc, compareRunsMode) are the UI's own
-# state: only the pipelines' parent runs (children would nest under them), best score first, as a table or as
-# one bar chart per metric (a fresh browser profile shows no metric columns in the table).
+# The runs table is shot at the link `make mlflow-ui` prints (micronet.tracking.runs_view_url: the saved view with
+# the headline columns), in a fresh browser profile, so what it shows comes from the link alone. The charts view
+# uses the UI's own URL state: workflowType=machine_learning selects the classic runs pages over the GenAI ones,
+# then only the pipelines' parent runs, best score first, one bar chart per metric.
 PARENT_RUNS = quote("tags.`micronet.pipeline` LIKE '%'", safe="")
 RUNS_VIEW = ("#/experiments/{id}/runs?workflowType=machine_learning&searchFilter=" + PARENT_RUNS
              + "&orderByKey=" + quote("metrics.`score`", safe="") + "&orderByAsc=true")
@@ -224,9 +224,11 @@ def main() -> None:
                     print(f"note: no experiment {name!r} in {store}")
                     continue
                 first = next((r.name for r in runs if r.experiment == name), "")
-                for view, url in (("runs", RUNS_VIEW), ("charts", CHARTS_VIEW)):
-                    shots.append(browser.screenshot(ui.url + url.format(id=experiment.experiment_id),
-                                                    args.out / f"mlflow-{name}-{view}.png", wait_for=first))
+                save_runs_view(client, experiment.experiment_id)  # as `make mlflow-ui` does for older stores
+                runs_url = runs_view_url(experiment.experiment_id, port=ui.port)
+                charts_url = ui.url + CHARTS_VIEW.format(id=experiment.experiment_id)
+                for view, url in (("runs", runs_url), ("charts", charts_url)):
+                    shots.append(browser.screenshot(url, args.out / f"mlflow-{name}-{view}.png", wait_for=first))
             report = client.get_experiment_by_name(REPORT_EXPERIMENT)
             latest = (client.search_runs([report.experiment_id], max_results=1, order_by=["start_time DESC"])
                       if report else [])

@@ -163,7 +163,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     run(["git", "init", "-q", "--bare", str(origin)], repo.parent, env)
     run(["git", "remote", "add", "origin", str(origin)], repo, env)
     run(["git", "push", "-q", "origin", "HEAD"], repo, env)
-    name = run(["dvc", "exp", "list", "--name-only"], demo, env).split()[-1]
+    name = exp_parent.info.run_name  # DVC's name of the experiment
     run(["dvc", "exp", "push", "origin", name], demo, share)
     assert list((repo.parent / "home/.cache/micronet/dvc-remote/demo/files/md5").iterdir())
     checkpoints = {p.name: p.read_bytes() for p in (demo / "models").glob("*.pt")}

@@ -1,11 +1,15 @@
+import json
 from pathlib import Path
 
+import typer
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from typer.testing import CliRunner
 
 from micronet.config import load_params
 from micronet.paths import repository_root
 from micronet.tracking import stage_run, tracking_uri
+from stages.views import views_command
 
 
 def test_default_store_is_an_absolute_sqlite_file_at_the_repository_root(tmp_path, monkeypatch):
@@ -62,6 +66,28 @@ def test_stages_are_child_runs_of_one_parent_per_pipeline_run(tmp_path, monkeypa
     assert client.get_experiment("0").lifecycle_stage == "deleted"  # no empty "Default" experiment left
     assert all(c.info.status == "FINISHED" for c in children)
 
+    # `micronet views` (make mlflow-ui): a link per pipeline experiment to its saved runs view, which it saves
+    # again (a store older than the view gets it), and how to load each registered model
+    client.set_experiment_tag(experiment.experiment_id, "mlflow.sharedViewState.micronet-scores", "stale")
+    client.create_registered_model("micronet-kaist")
+    for _ in range(2):
+        client.create_model_version("micronet-kaist", (tmp_path / "m").as_uri())
+    app = typer.Typer()
+    app.command()(views_command)
+    result = CliRunner().invoke(app, ["--port", "5001"])
+    assert result.exit_code == 0, result.output
+    assert (f"exp runs: http://127.0.0.1:5001/#/experiments/{experiment.experiment_id}/runs?"
+            "workflowType=machine_learning&viewStateShareKey=micronet-scores") in result.output
+    assert "micronet-kaist (latest: version 2): http://127.0.0.1:5001/#/models/micronet-kaist" in result.output
+    assert 'mlflow.pyfunc.load_model("models:/micronet-kaist/latest")' in result.output
+    # the envelope MLflow's UI reads a saved view from, with the headline columns
+    envelope = json.loads(client.get_experiment(experiment.experiment_id).tags["mlflow.sharedViewState.micronet-scores"])
+    assert envelope["name"] == "micronet scores" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["selectedColumns"] == ["metrics.`accuracy`", "metrics.`params`", "metrics.`flops`", "metrics.`score`",
+                                        "tags.`qualifies`"]
+    assert state["searchFilter"] == "tags.`micronet.pipeline` LIKE '%'" and state["orderByKey"] == "metrics.`score`"
+
 
 def test_disabled_tracking_logs_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -86,3 +112,4 @@ def test_untracked_data_is_found_from_a_dvc_experiment_copy(tmp_path, monkeypatc
     assert untracked_input("data/other") == Path("data/other")  # nothing there either: unchanged
     (copy / "pipelines/demo/data/cifar100").mkdir(parents=True)  # present in the copy (DVC-tracked): used
     assert untracked_input("data/cifar100") == Path("data/cifar100")
+
