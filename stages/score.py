@@ -64,6 +64,7 @@ def score_command(
                        {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score")}, parent=True)
     typer.echo(
         f"score ({cfg.task}, {source.get('stage') or 'checkpoint'}): accuracy {summary['accuracy']:.4f} "
-        f"({summary['correct']}/{summary['total']}; chance {summary['chance']:.4f}), params {summary['params']:,.2f}, flops {summary['flops']:,.2f}, "
+        f"({summary['correct']}/{summary['total']}; chance {summary['chance']:.4f}), params {summary['params']:,.2f}, "
+        f"flops {summary['flops']:,.2f}, "
         f"score {summary['score']:.6g}, qualifies {str(qualifies).lower()}; per-layer table in {table}"
     )
