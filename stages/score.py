@@ -3,11 +3,18 @@ count and score, and `metrics/score.json` with a per-layer table beside it."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
 
 from stages.common import ParamsOption
+
+
+def chance(labels: list[int]) -> float:
+    """The accuracy of always answering the test split's most common class: what "learned nothing" scores (0.01 on
+    CIFAR-100), printed beside the accuracy so a toy run shows whether it learned."""
+    return max(Counter(labels).values()) / len(labels)
 
 
 def score_command(
@@ -35,6 +42,7 @@ def score_command(
     qualifies = counted.qualifies(cfg.task, result.correct_top1, result.total)
     summary = {
         "accuracy": result.top1,
+        "chance": chance(test.targets),
         "top5": result.top5,
         "correct": result.correct_top1,
         "total": result.total,
@@ -61,7 +69,8 @@ def score_command(
             typer.echo(f"score: registered as MLflow model models:/{version.name}/{version.version}")
     typer.echo(
         f"score ({cfg.task}, {source.get('stage') or 'checkpoint'}): accuracy {summary['accuracy']:.4f} "
-        f"({summary['correct']}/{summary['total']}), params {summary['params']:,.2f}, flops {summary['flops']:,.2f}, "
+        f"({summary['correct']}/{summary['total']}; chance {summary['chance']:.4f}), params {summary['params']:,.2f}, "
+        f"flops {summary['flops']:,.2f}, "
         f"score {summary['score']:.6g}, qualifies {str(qualifies).lower()}; per-layer table in {table}"
     )
 

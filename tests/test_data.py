@@ -29,6 +29,7 @@ from micronet.data import (
     load_cifar100,
     num_classes,
     synthetic_manifest,
+    write_digits_cifar100,
     write_synthetic_cifar100,
 )
 from micronet.errors import MicronetError
@@ -115,6 +116,30 @@ def test_real_layout_is_md5_checked(synth, tmp_path):
         load_cifar100(tmp_path, train=True, download=False)
     with pytest.raises(MicronetError, match="not synthetic"):  # and the writer will not overwrite it
         write_synthetic_cifar100(tmp_path, 100, 100, seed=0)
+
+
+def test_digits_are_real_images_in_cifar100_format(tmp_path):
+    # scikit-learn's bundled digits, read back by the same loader and config as CIFAR-100: 32x32 RGB, labels 0-9,
+    # a stratified seeded split; a synthetic-data config at that root would not mistake them for its own set.
+    from sklearn.datasets import load_digits
+
+    write_digits_cifar100(tmp_path / "a", n_test=300, seed=0, n_train=500)
+    train, test = (load_cifar100(tmp_path / "a", train=t) for t in (True, False))
+    assert (len(train), len(test)) == (500, 300) and train.data.shape == (500, 32, 32, 3)
+    assert sorted(set(test.targets)) == list(range(10)) and np.ptp(np.bincount(test.targets)) <= 2
+    assert (train.data[..., 0] == train.data[..., 2]).all() and train.data.max() == 255  # grey, full range
+    # each image, shrunk back to 8x8, is nearest to an original digit of its own label
+    digits = load_digits()
+    small = train.data[..., 0].reshape(500, 8, 4, 8, 4).mean(axis=(2, 4)).reshape(500, 64) * (16 / 255)
+    nearest = torch.cdist(torch.from_numpy(small), torch.from_numpy(digits.data)).argmin(1).numpy()
+    assert (digits.target[nearest] == np.array(train.targets)).all()
+    manifest = synthetic_manifest(tmp_path / "a")
+    assert manifest["source"] == "digits" and manifest["synthetic"] is False
+    write_digits_cifar100(tmp_path / "b", n_test=300, seed=0, n_train=500)
+    assert _md5s(tmp_path / "a") == _md5s(tmp_path / "b")  # same seed, same bytes
+    assert len(build_test(DataConfig(root=str(tmp_path / "a"), val_size=0))) == 300
+    with pytest.raises(MicronetError, match="at most 1797 together"):
+        write_digits_cifar100(tmp_path / "c", n_test=300, seed=0, n_train=1500)
 
 
 # --- splits ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from micronet.data.cifar import (
     synthetic_manifest,
     write_synthetic_cifar100,
 )
+from micronet.data.digits import write_digits_cifar100
 from micronet.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,7 +40,7 @@ __all__ = [
     "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Splits",
     "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_test", "build_transform", "ensure_dataset",
     "load_cifar100", "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest",
-    "synthetic_manifest", "write_synthetic_cifar100", "write_synthetic_imagenet",
+    "synthetic_manifest", "write_digits_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
 ]
 
 

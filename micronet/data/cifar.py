@@ -28,7 +28,7 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
 BASE_FOLDER = CIFAR100.base_folder  # "cifar-100-python"
-SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written by write_synthetic_cifar100
+SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written here (write_cifar100_format), not the real files
 
 
 # --- transforms ----------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def ensure_cifar100(cfg: DataConfig) -> None:
     if cfg.synthetic is not None:
         synth = cfg.synthetic
         manifest = synthetic_manifest(root)
-        wanted = {"seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
+        wanted = {"synthetic": True, "seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
         if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
             write_synthetic_cifar100(root, synth.train, synth.test, synth.seed)
         return
@@ -234,25 +234,38 @@ def write_synthetic_cifar100(out: Path, n_train: int, n_test: int, seed: int) ->
     manifest with their md5s); returns that folder. Point `data.root` at `out` to use it."""
     if n_train < 1 or n_test < 1:
         raise MicronetError(f"synthetic CIFAR-100 needs at least 1 train and 1 test image (got {n_train}, {n_test})")
+    splits = {}
+    for split, n, stream in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng([seed, stream])
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES)  # balanced over the 100 fine classes
+        splits[split] = (labels, _synthetic_images(labels, rng))
+    names = [f"synthetic_{c:02d}" for c in range(NUM_CLASSES)]
+    return write_cifar100_format(out, splits, names, {"synthetic": True, "seed": seed, "n_train": n_train,
+                                                      "n_test": n_test})
+
+
+def write_cifar100_format(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str],
+                          manifest: dict) -> Path:
+    """Write `out/cifar-100-python/{train,test,meta}` from {split: (labels, (N, 3072) uint8 rows)} and the 100
+    fine class names, plus a manifest (`manifest` and the files' md5s) that marks the folder as written here;
+    returns that folder. Refuses a folder that holds other data (no manifest)."""
     folder = Path(out) / BASE_FOLDER
     if folder.exists() and synthetic_manifest(out) is None and any(folder.iterdir()):
         raise MicronetError(f"{folder} holds data that is not synthetic (no {SYNTHETIC_MANIFEST}); not overwriting it")
     folder.mkdir(parents=True, exist_ok=True)
+    prefix = manifest.get("source", "synthetic")
     md5 = {}
-    for split, n, stream in (("train", n_train, 0), ("test", n_test, 1)):
-        rng = np.random.default_rng([seed, stream])
-        labels = rng.permutation(np.arange(n) % NUM_CLASSES)  # balanced over the 100 fine classes
+    for split, (labels, data) in splits.items():
         md5[split] = _write_pickle(folder / split, {
-            "filenames": [f"synthetic_{split}_{i:06d}.png" for i in range(n)],
+            "filenames": [f"{prefix}_{split}_{i:06d}.png" for i in range(len(labels))],
             "batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1",
             "fine_labels": labels.tolist(),
             "coarse_labels": (labels // 5).tolist(),  # 5 fine classes per superclass, as in CIFAR-100
-            "data": _synthetic_images(labels, rng),
+            "data": data,
         })
     md5["meta"] = _write_pickle(folder / "meta", {
-        "fine_label_names": [f"synthetic_{c:02d}" for c in range(NUM_CLASSES)],
-        "coarse_label_names": [f"synthetic_super_{c:02d}" for c in range(NUM_CLASSES // 5)],
+        "fine_label_names": names,
+        "coarse_label_names": [f"{prefix}_super_{c:02d}" for c in range(NUM_CLASSES // 5)],
     })
-    manifest = {"synthetic": True, "seed": seed, "n_train": n_train, "n_test": n_test, "md5": md5}
-    (folder / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / SYNTHETIC_MANIFEST).write_text(json.dumps({**manifest, "md5": md5}, indent=2) + "\n")
     return folder
