@@ -61,8 +61,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
                     ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0))
 # Tolerances of the checks (also printed in the summary).
 LOSS_RTOL = 0.05  # |loss(bf16) - loss(fp32)| <= 5 % of the fp32 loss after the same steps
-LOGIT_RTOL = 0.02  # quantized model: max |logit(device) - logit(cpu)| <= 2 % of max |logit(cpu)| ...
-TOP1_AGREE = 0.95  # ... and the same top-1 class for >= 95 % of the images
+LOGIT_RTOL = 0.01  # quantized model, fp32 convs (no TF32): max |logit(device) - logit(cpu)| <= 1 % of max |logit(cpu)|
 
 
 @dataclass(frozen=True)
@@ -94,10 +93,10 @@ SIZES = {
                  compile=True, caps={"pipelines": 150, "bench": 200, "checks": 40, "distributed": 50},
                  check_images=2048, check_epochs=3, kfac_net=Net("pyramidnet272"), kfac_batches=2, kfac_batch=64,
                  ddp_steps=6, jobs=len(PIPELINES)),
-    "tiny": Size(TINY_NETS, batch=16, steps=2, workers=2, image_size=32, compile=False,
+    "tiny": Size(TINY_NETS, batch=8, steps=2, workers=1, image_size=32, compile=False,
                  caps={"pipelines": 600, "bench": 240, "checks": 120, "distributed": 120},
                  check_images=256, check_epochs=2, kfac_net=Net("pyramidnet", {"depth": 20, "alpha": 48}),
-                 kfac_batches=2, kfac_batch=16, ddp_steps=2, shrink={"images": 200, "epochs": 1, "batch": 50}),
+                 kfac_batches=2, kfac_batch=16, ddp_steps=2, shrink={"images": 100, "epochs": 1, "batch": 25}, threads=1),
     "test": Size(TINY_NETS, batch=4, steps=1, workers=0, image_size=32, compile=False,
                  caps={"pipelines": 240, "bench": 120, "checks": 60, "distributed": 60},
                  check_images=64, check_epochs=2, kfac_net=Net("pyramidnet", {"depth": 11, "alpha": 24}),
@@ -148,8 +147,8 @@ def pipeline_params(pipeline: str, device: str, size: Size) -> dict[str, Any]:
     if (folder / "toy.yaml").is_file():
         merge(params, yaml.safe_load((folder / "toy.yaml").read_text()))
     params["distributed"].update(device=device, nproc_per_node=1)
-    if device == "cuda" or size.threads:  # the toys' 2 threads are for the shared CPU box
-        params["distributed"]["threads"] = size.threads
+    if device == "cuda" or size.threads:  # the toys' 2 threads are for a shared CPU box; here the CPUs are shared
+        params["distributed"]["threads"] = size.threads or max(1, (os.cpu_count() or 1) // size.jobs)
     params.setdefault("tracking", {})["enabled"] = False
     if size.shrink:
         shrink_params(params, **size.shrink)
@@ -433,14 +432,25 @@ def check_quantized(device: torch.device, size: Size) -> dict[str, Any]:
                    weight_sigmas=q.weight_sigmas, activation_sigmas=q.activation_sigmas, momentum=q.momentum,
                    points=q.activation_points)
     checkpoint = make_checkpoint(model, params.model.arch, params.model.args, stage="quantize")
+    on_device = build_from_checkpoint(checkpoint).to(device).eval()
     with torch.no_grad():
         cpu = build_from_checkpoint(checkpoint).eval()(images)
-        on_device = build_from_checkpoint(checkpoint).to(device).eval()(images.to(device)).cpu()
-    gap = float((on_device - cpu).abs().max()) / float(cpu.abs().max())
-    agree = float((on_device.argmax(1) == cpu.argmax(1)).float().mean())
-    return {"check": f"quantized logits {device.type} vs cpu", "ok": gap <= LOGIT_RTOL and agree >= TOP1_AGREE,
-            "measured": f"max |diff| {gap:.2e} of max |logit|, top-1 agrees on {agree:.1%} of {len(images)}",
-            "tolerance": f"<= {LOGIT_RTOL:.0%} and >= {TOP1_AGREE:.0%}"}
+        gaps = {}
+        for name, tf32 in (("fp32", False), ("default", torch.backends.cudnn.allow_tf32)):
+            saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32  # TF32 convs (torch's default on CUDA) round to 10-bit mantissas
+            try:
+                logits = on_device(images.to(device)).cpu()
+            finally:
+                torch.backends.cudnn.allow_tf32 = saved
+            gaps[name] = (float((logits - cpu).abs().max()) / float(cpu.abs().max()),
+                          float((logits.argmax(1) == cpu.argmax(1)).float().mean()))
+    (gap, agree), (tf32_gap, tf32_agree) = gaps["fp32"], gaps["default"]
+    return {"check": f"quantized logits {device.type} vs cpu", "ok": gap <= LOGIT_RTOL,
+            "measured": f"fp32 convs: max |diff| {gap:.2e} of max |logit|, same top-1 {agree:.0%}; torch's default "
+                        f"convs (TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}): {tf32_gap:.2e}, "
+                        f"{tf32_agree:.0%} ({len(images)} images, random-init model)",
+            "tolerance": f"fp32 convs: max |diff| <= {LOGIT_RTOL:.0%} of max |logit|"}
 
 
 def part_checks(device: torch.device, size: Size, out: Path, deadline: float, rows: list) -> None:
@@ -597,6 +607,8 @@ def summary(results: dict[str, Any]) -> str:
                                                       ("seconds", "seconds", ".2f"), ("detail", "detail", "")]),
     ]
     for key, title, columns in sections:
+        if key not in parts:  # --parts left it out
+            continue
         part = parts[key]
         text += [f"## {title}", "", f"{part['seconds']:.0f} s (cap {part['cap']:.0f} s)"
                  + (f"; part stopped: {part['error']}" if part.get("error") else ""), "",
