@@ -56,7 +56,8 @@ GPU_NETS = {
 }
 CPU_NETS = {
     "pyramidnet": Net("pyramidnet", {"depth": 11, "alpha": 24}), "kaist_micronet_v1": Net("kaist_micronet_v1"),
-    "fastai_wrn": Net("fastai_wrn", {"n": 1, "k": 2}), "efficientnet_cifar": Net("efficientnet_cifar", {"width": 0.2, "depth": 0.3}),
+    "fastai_wrn": Net("fastai_wrn", {"n": 1, "k": 2}),
+    "efficientnet_cifar": Net("efficientnet_cifar", {"width": 0.2, "depth": 0.3}),
     "resnet50_dnw@32": Net("resnet50_dnw", {"num_classes": 10}, imagenet=True, dnw=0.1),
 }
 
