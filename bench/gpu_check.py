@@ -461,10 +461,10 @@ def check_quantized(device: torch.device, size: Size) -> dict[str, Any]:
                           float((logits.argmax(1) == cpu.argmax(1)).float().mean()))
     (gap, agree), (tf32_gap, tf32_agree) = gaps["fp32"], gaps["default"]
     return {"check": f"quantized logits {device.type} vs cpu", "ok": gap <= LOGIT_RTOL,
-            "measured": f"fp32 convs: max |diff| {gap:.2e} of max |logit|, same top-1 {agree:.0%}; torch's default "
+            "measured": f"fp32 convs: max abs diff {gap:.2e} of max abs logit, same top-1 {agree:.0%}; torch's default "
                         f"convs (TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}): {tf32_gap:.2e}, "
                         f"{tf32_agree:.0%} ({len(images)} images, random-init model)",
-            "tolerance": f"fp32 convs: max |diff| <= {LOGIT_RTOL:.0%} of max |logit|"}
+            "tolerance": f"fp32 convs: max abs diff <= {LOGIT_RTOL:.0%} of max abs logit"}
 
 
 def part_checks(device: torch.device, size: Size, out: Path, deadline: float, rows: list) -> None:
