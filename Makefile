@@ -7,12 +7,13 @@ RUN := $(UV) run --frozen --python $(PYTHON)
 PIPELINE ?= demo
 PIPELINE_DIR := pipelines/$(PIPELINE)
 MLFLOW_PORT ?= 5000
+DEVICE ?= cuda
 # `make exp-show`: what each run scored (the score stage's headline metrics) and the params that differ between runs;
 # every other metric, and the deps' hashes, are dropped (DVC matches these regexes from the column name's start).
 EXP_HEADLINE := accuracy|params|flops|score|qualifies
 EXP_DROP := (?!.*\.)(?!(Experiment|Created|$(EXP_HEADLINE))$$).*|.*[:/].*
 
-.PHONY: help install demo exp-show test test-fast bench report screenshots mlflow-ui clean-demo
+.PHONY: help install demo exp-show test test-fast bench gpu-check report screenshots mlflow-ui clean-demo
 
 help:
 	@echo "make install                 - uv sync --frozen (installs uv first if missing)"
@@ -21,6 +22,8 @@ help:
 	@echo "make exp-show [PIPELINE=...] - the pipeline's DVC experiments, key columns only"
 	@echo "make test                    - the whole test suite"
 	@echo "make bench                   - benchmarks (bench/)"
+	@echo "make gpu-check [DEVICE=cpu]  - every CUDA path on one GPU in < 8 min: pipelines, speed table, checks"
+	@echo "                               (reports/gpu-check/); DEVICE=cpu: the same at tiny sizes"
 	@echo "make report                  - accuracy-vs-score report of every pipeline run in MLflow (reports/)"
 	@echo "make mlflow-ui               - MLflow UI on the project's store"
 
@@ -54,6 +57,11 @@ bench: install
 	$(RUN) python bench/bench_gpu_ops.py
 	$(RUN) python bench/bench_loader.py
 	$(RUN) python bench/bench_train.py
+
+# Quiet install: without CUDA the check answers in one line (exit 2); the tables go to reports/gpu-check/.
+gpu-check: $(UV)
+	@$(UV) sync --frozen --compile-bytecode --quiet --python $(PYTHON)
+	@$(RUN) python bench/gpu_check.py --device $(DEVICE) $(GPU_CHECK_ARGS)
 
 screenshots: install
 	$(RUN) python bench/screenshots.py
