@@ -153,6 +153,9 @@ def synthetic_kaist_model(arch: str, rate: float, seed: int = 0) -> tuple[nn.Mod
             m.bias.uniform_(-0.5, 0.5)
         elif isinstance(m, nn.Conv2d) and m.bias is not None:
             m.bias.uniform_(-0.5, 0.5)
+        elif isinstance(m, nn.Linear):  # at its init scale (std 0.01) the global threshold would take it whole
+            m.weight.normal_(0.0, 0.1)
+            m.bias.uniform_(-0.5, 0.5)
     masks = global_magnitude_masks(prunable_weights(model), rate)
     params = dict(model.named_parameters())
     for name, mask in masks.items():

@@ -17,16 +17,15 @@ def quantize_command(
     output: Path = typer.Option(Path("models/quantize.pt"), "--output"),
     metrics: Path = typer.Option(Path("metrics/quantize.json"), "--metrics"),
 ) -> None:
-    import copy
     import math
 
     from micronet import runner
     from micronet.checkpoint import atomic_save, load_model, make_checkpoint
-    from micronet.compression.quantize import QuantizationAware, fidelity, quantize_model, sparsity_masks
+    from micronet.compression.quantize import QuantizationAware, fidelity, predictions, quantize_model, sparsity_masks
     from micronet.data import build_splits, num_classes
     from micronet.scoring import foldable_batchnorms
     from micronet.tracking import stage_run
-    from micronet.training import Runtime, clear_resume, evaluate, fit, make_loader, setup_runtime
+    from micronet.training import Runtime, clear_resume, fit, make_loader, setup_runtime
 
     params = runner.prepare(params_path, single_process=True)  # calibration and fine-tuning: one process
     cfg = params.quantize
@@ -38,7 +37,6 @@ def quantize_command(
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     model.to(runtime.device)
-    reference = copy.deepcopy(model).eval()  # the float model the quantized one is compared with
     masks = sparsity_masks(model)
     if cfg.finetune is not None:
         splits, train_data = runner.training_data(params, cfg.finetune, runtime, params.train.seed)
@@ -50,22 +48,23 @@ def quantize_command(
     if cfg.calibration_batches > available:
         typer.echo(f"warning: quantize.calibration_batches is {cfg.calibration_batches} but the calibration split "
                    f"holds {available} batches of {params.data.eval_batch_size}: calibrating on {available}", err=True)
-    images = lambda: (x.to(runtime.device) for x, _ in loader)  # noqa: E731 - the evaluation images, again
-    before = evaluate(model, loader, runtime) if splits.val is not None else None
+    reference, labels = predictions(model, loader, runtime.device)  # the float model, once
+    top1 = lambda logits: float((logits.argmax(1) == labels).double().mean())  # noqa: E731
     input_size = tuple(calibration_set[0][0].shape)
     pairs = foldable_batchnorms(model, input_size) if cfg.fold_bn else []
-    calibration = (x for _, x in zip(range(cfg.calibration_batches), images()))
+    calibration = (x.to(runtime.device) for _, (x, _) in zip(range(cfg.calibration_batches), loader))
     example = calibration_set[0][0][None].to(runtime.device)
     info = quantize_model(
         model, pairs, calibration, weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits,
         method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
         momentum=cfg.momentum, points=cfg.activation_points, example=example,
     )
-    after = evaluate(model, loader, runtime) if splits.val is not None else None
+    quantized = predictions(model, loader, runtime.device)[0]
+    validating = splits.val is not None  # else the images are training images: no accuracy to report
     summary = {
-        "val_accuracy_before": before.top1 if before else None,
-        "val_accuracy": after.top1 if after else None,
-        **fidelity(reference, model, images()),
+        "val_accuracy_before": top1(reference) if validating else None,
+        "val_accuracy": top1(quantized) if validating else None,
+        **fidelity(reference, quantized),
         "folded_batchnorms": len(info["spec"]["folded"]),
         "activation_quantizers": len(info["spec"]["activation_layers"]),
         "calibration_batches": info["calibration_batches"],
@@ -86,12 +85,13 @@ def quantize_command(
             model = qat.finish()
             clear_resume(resume, runtime)
             ptq = {f"{k}_ptq": summary[k] for k in ("val_accuracy", "agreement", "logit_relative_error")}
-            final = evaluate(model, loader, runtime) if splits.val is not None else None
-            summary.update(ptq, val_accuracy=final.top1 if final else None, **fidelity(reference, model, images()))
+            quantized = predictions(model, loader, runtime.device)[0]
+            summary.update(ptq, val_accuracy=top1(quantized) if validating else None, **fidelity(reference, quantized))
         atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize",
                                     mlflow_run_id=track.run_id), output)
         runner.publish(track, {metrics: summary}, summary)
-        change = "" if before is None else f", val accuracy {before.top1:.4f} -> {summary['val_accuracy']:.4f}"
+        change = "" if not validating else (f", val accuracy {summary['val_accuracy_before']:.4f} -> "
+                                            f"{summary['val_accuracy']:.4f}")
         tuned = f", fine-tuned {cfg.finetune.epochs} epochs quantization-aware" if cfg.finetune is not None else ""
         typer.echo(f"quantize: {cfg.weight_bits}-bit weights, {cfg.activation_bits}-bit activations at "
                    f"{summary['activation_quantizers']} points, {summary['folded_batchnorms']} BatchNorms folded, "

@@ -375,18 +375,10 @@ def test_quantization_aware_finetuning_lowers_the_loss_on_the_grid_with_masks_ke
 def test_fidelity_counts_top1_agreement_and_the_relative_logit_error():
     from micronet.compression.quantize import fidelity
 
-    reference = nn.Linear(2, 3, bias=False)
-    with torch.no_grad():
-        reference.weight.copy_(torch.eye(3, 2))
-    shifted = nn.Linear(2, 3, bias=False)
-    with torch.no_grad():
-        shifted.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))  # logit 2 copies logit 0
-    # z_f = (x0, x1, 0), z_q = (x0, x1, x0)
-    x = torch.tensor([[3.0, 1.0], [1.0, 4.0], [-2.0, -1.0], [2.0, 0.0]])
-    result = fidelity(reference, shifted, [x[:2], x[2:]])
-    # argmax: ref [0, 1, 2, 0]; shifted [0 (tie 0/2 -> first), 1, 1, 0]: 3 of 4 agree
+    reference = torch.tensor([[3.0, 1.0, 0.0], [1.0, 4.0, 0.0], [-2.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
+    logits = reference.clone()
+    logits[:, 2] = reference[:, 0]  # top-1: [0 (a tie: the first), 1, 1, 0] against [0, 1, 2, 0]
+    result = fidelity(reference, logits)
     assert result["agreement"] == 0.75
-    expected = (x[:, 0].pow(2).sum() / x.pow(2).sum()).sqrt()
-    assert result["logit_relative_error"] == pytest.approx(float(expected))
-    same = fidelity(reference, reference, [x])
-    assert same == {"agreement": 1.0, "logit_relative_error": 0.0}
+    assert result["logit_relative_error"] == pytest.approx(float(reference[:, 0].norm() / reference.norm()))
+    assert fidelity(reference, reference) == {"agreement": 1.0, "logit_relative_error": 0.0}

@@ -369,18 +369,23 @@ def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def fidelity(reference: nn.Module, model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """How closely `model` (quantized) follows `reference` (its float input) where labels say nothing about it:
-    the share of images with the same top-1 class, and ||z_q - z_f|| / ||z_f|| over all logits."""
-    reference.eval(), model.eval()
-    same = seen = 0
-    diff = norm = 0.0
-    for images in batches:
-        z_f, z_q = reference(images).float(), model(images).float()
-        same += int((z_f.argmax(1) == z_q.argmax(1)).sum())
-        seen += images.shape[0]
-        diff += float((z_q - z_f).pow(2).sum())
-        norm += float(z_f.pow(2).sum())
-    if not seen:
-        raise MicronetError("fidelity needs at least one batch of images")
-    return {"agreement": same / seen, "logit_relative_error": math.sqrt(diff / norm) if norm else math.nan}
+def predictions(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on the CPU) and labels of every evaluation image, in loader order."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    if not logits:
+        raise MicronetError("quantize: the evaluation split holds no images to compare the models on")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def fidelity(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How closely quantized logits follow the float model's where labels say little (e.g. synthetic data): the
+    share of images with the same top-1 class, and ||z_q - z_f|| / ||z_f|| over all logits."""
+    agreement = float((reference.argmax(1) == logits.argmax(1)).double().mean())
+    norm = float(reference.double().norm())
+    error = float((logits.double() - reference.double()).norm()) / norm if norm else math.nan
+    return {"agreement": agreement, "logit_relative_error": error}
