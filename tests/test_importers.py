@@ -156,7 +156,7 @@ def test_import_command_writes_checkpoint(tmp_path, kaist_state):
         assert torch.equal(value, kaist_state[key])
 
     result = CliRunner().invoke(cli(), ["wave", str(src), "--arch", "kaist_micronet_v1", "--output", str(out)])
-    assert isinstance(result.exception, MicronetError) and "known: kaist" in str(result.exception)
+    assert isinstance(result.exception, MicronetError) and "known: kaist, micronet" in str(result.exception)
 
 
 def test_the_command_names_every_importer():
@@ -164,3 +164,41 @@ def test_the_command_names_every_importer():
     from stages import import_checkpoint
 
     assert tuple(IMPORTERS) == import_checkpoint.IMPORTERS
+
+
+def params_with_import(tmp_path: Path, source: str, extra: str = "") -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(f"import:\n  source: {source}\n  format: kaist\n  arch: kaist_micronet_v1\n{extra}")
+    return path
+
+
+def test_import_stage_names_the_param_and_where_to_get_a_missing_file(tmp_path):
+    params = params_with_import(tmp_path, "../../data/kaist/micronet_v1_pr_60.t7")
+    out = tmp_path / "models" / "import.pt"
+    result = CliRunner().invoke(cli(), ["--params", str(params), "--output", str(out)])
+    assert isinstance(result.exception, MicronetError) and not out.exists()
+    msg = str(result.exception)
+    assert "\n" not in msg and "key 'import.source' = '../../data/kaist/micronet_v1_pr_60.t7': no such file" in msg
+    assert "Kthyeon/KAIST-AI-NeurIPS2019-MicroNet-2nd-place-solution" in msg and "set import.source" in msg
+
+
+def test_import_stage_reads_the_params_and_synth_kaist_writes_the_toy_file(tmp_path):
+    from stages.import_checkpoint import synth_kaist_command
+
+    params = params_with_import(tmp_path, "data/k.t7", "  synthetic: {sparsity: 0.6, seed: 0}\n")
+    synth = typer.Typer()
+    synth.command()(synth_kaist_command)
+    result = CliRunner().invoke(synth, ["--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert sum(k.endswith(".mask") for k in torch.load(tmp_path / "data/k.t7", weights_only=True)) == 86
+    out = tmp_path / "models" / "import.pt"
+    result = CliRunner().invoke(cli(), ["--params", str(params), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    model, ckpt = load_model(out)
+    assert ckpt["source"]["file"] == "k.t7" and "sparsity 60.00%" in result.output
+    # a micronet checkpoint imports too (any pipeline's output can start another), with its arch checked
+    again = params_with_import(tmp_path, "models/import.pt")
+    again.write_text(again.read_text().replace("format: kaist", "format: micronet"))
+    result = CliRunner().invoke(cli(), ["--params", str(again), "--output", str(tmp_path / "again.pt")])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_model(tmp_path / "again.pt")[0].linear.weight, model.linear.weight)
