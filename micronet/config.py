@@ -290,8 +290,15 @@ class QuantizeConfig(Section):
     )
     finetune: Optional[OptimConfig] = Field(
         None, description="quantization-aware fine-tuning after calibration (straight-through rounding, exponents "
-        "frozen, sparsity kept); null = post-training quantization only, as every team did"
+        "frozen, sparsity kept), always in fp32; null = post-training quantization only, as every team did"
     )
+
+    @model_validator(mode="after")
+    def _finetune_in_fp32(self) -> "QuantizeConfig":
+        if self.finetune is not None and self.finetune.precision == "bf16":
+            raise ValueError("quantize.finetune.precision bf16 would round the quantized activations to 8 significant "
+                             "bits; set fp32 or auto (both train quantization-aware in fp32)")
+        return self
 
 
 class SyntheticSourceConfig(Section):
