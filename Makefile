@@ -36,9 +36,12 @@ install: $(UV)
 
 # A pipeline's toy.yaml (if any) is applied to its params.yaml, then the pipeline runs as a DVC experiment, so it
 # is the baseline later `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
+# A pipeline that starts from a released checkpoint (an `import` section) gets a random file in its place first.
 demo: install
 	@test -f $(PIPELINE_DIR)/dvc.yaml || { echo "no pipeline $(PIPELINE_DIR)/dvc.yaml"; exit 2; }
-	cd $(PIPELINE_DIR) && { test ! -f toy.yaml || $(RUN) micronet params apply toy.yaml; } && $(RUN) dvc exp run
+	cd $(PIPELINE_DIR) && { test ! -f toy.yaml || $(RUN) micronet params apply toy.yaml; } \
+		&& { ! grep -q '^import:' params.yaml || $(RUN) micronet data synth-kaist --params params.yaml; } \
+		&& $(RUN) dvc exp run
 	@cd $(PIPELINE_DIR) && $(RUN) dvc metrics show && tail -n 8 metrics/score_layers.txt
 
 exp-show: install

@@ -13,7 +13,7 @@ import typer
 from micronet.errors import MicronetError
 from stages.count import count_command, models_command
 from stages.data import digits_command, synth_command, synth_imagenet_command
-from stages.import_checkpoint import import_command
+from stages.import_checkpoint import import_command, synth_kaist_command
 from stages.params import apply_command
 from stages.prune import prune_command
 from stages.quantize import quantize_command
@@ -36,6 +36,8 @@ data_app.command("digits", help="Write scikit-learn's digits (a small real data 
     digits_command)
 data_app.command("synth-imagenet", help="Write a synthetic ImageNet (JPEG files, ImageFolder layout).")(
     synth_imagenet_command)
+data_app.command("synth-kaist", help="Write a random KAIST-layout checkpoint at import.source (toy runs).")(
+    synth_kaist_command)
 app.add_typer(data_app, name="data")
 params_app = typer.Typer(help="Params file helpers.", no_args_is_help=True, rich_markup_mode=None)
 params_app.command("apply", help="Merge an overlay (e.g. a pipeline's toy.yaml) into params.yaml.")(apply_command)

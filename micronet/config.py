@@ -288,6 +288,35 @@ class QuantizeConfig(Section):
         "every_op", description="every_op: the input, every leaf module and every residual sum (Wave); "
         "layers: conv, linear, BatchNorm and pool outputs only"
     )
+    finetune: Optional[OptimConfig] = Field(
+        None, description="quantization-aware fine-tuning after calibration (straight-through rounding, exponents "
+        "frozen, sparsity kept), always in fp32; null = post-training quantization only, as every team did"
+    )
+
+    @model_validator(mode="after")
+    def _finetune_in_fp32(self) -> "QuantizeConfig":
+        if self.finetune is not None and self.finetune.precision == "bf16":
+            raise ValueError("quantize.finetune.precision bf16 would round the quantized activations to 8 significant "
+                             "bits; set fp32 or auto (both train quantization-aware in fp32)")
+        return self
+
+
+class SyntheticSourceConfig(Section):
+    """A random KAIST-layout file (their MicroNet_Prune state_dict, masks included) for toy runs and tests."""
+
+    sparsity: float = Field(0.6, ge=0, lt=1, description="global magnitude masks over every conv/linear weight")
+    seed: int = 0
+
+
+class ImportConfig(Section):
+    """A released checkpoint as the start of a pipeline (`micronet import --params`)."""
+
+    source: str = Field(..., description="the released file, relative to the params file's folder")
+    format: Literal["kaist", "micronet"] = Field("kaist", description="kaist: their .t7 layout; micronet: ours")
+    arch: str = Field(..., description="registered architecture the file holds, e.g. kaist_micronet_v1")
+    synthetic: Optional[SyntheticSourceConfig] = Field(
+        None, description="toy runs: `micronet data synth-kaist` writes a random file of this kind at `source`"
+    )
 
 
 class ScoreConfig(Section):
@@ -332,6 +361,7 @@ class Params(Section):
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     synth: Optional[SynthConfig] = None
+    import_: Optional[ImportConfig] = Field(None, alias="import")
     _sections: dict[str, TrainConfig] = PrivateAttr(default_factory=dict)
 
     def training(self, section: str = "train") -> TrainConfig:
@@ -351,7 +381,7 @@ class Params(Section):
 
     def as_dict(self) -> dict[str, Any]:
         """Every section, the extra training sections included (what the tracker logs)."""
-        return {**self.model_dump(), **{k: v.model_dump() for k, v in self._sections.items()}}
+        return {**self.model_dump(by_alias=True), **{k: v.model_dump() for k, v in self._sections.items()}}
 
 
 def _describe(error: dict, prefix: str = "") -> str:

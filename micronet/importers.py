@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
-from micronet.checkpoint import file_digest, make_checkpoint, safe_load
+from micronet.checkpoint import file_digest, load_model, make_checkpoint, safe_load
+from micronet.compression.sparsity import global_magnitude_masks, prunable_weights
 from micronet.errors import MicronetError
 from micronet.nets import create_model
 
@@ -115,10 +117,60 @@ def import_kaist(src: Path, arch: str) -> dict[str, Any]:
     return make_checkpoint(model, arch, args, stage="import", source=source)
 
 
-IMPORTERS: dict[str, Callable[[Path, str], dict[str, Any]]] = {"kaist": import_kaist}
+def import_micronet(src: Path, arch: str) -> dict[str, Any]:
+    """A micronet checkpoint (e.g. another pipeline's output) as the start of a pipeline: checked, re-labelled."""
+    src = Path(src)
+    model, ckpt = load_model(src)
+    if ckpt["arch"] != arch:
+        raise MicronetError(f"{src}: holds {ckpt['arch']!r}, not the {arch!r} the import arch names")
+    source = {"format": "micronet", "file": src.name, "sha256": file_digest(src), "stage": ckpt.get("stage")}
+    return make_checkpoint(model, ckpt["arch"], ckpt["args"], stage="import", source=source)
+
+
+IMPORTERS: dict[str, Callable[[Path, str], dict[str, Any]]] = {"kaist": import_kaist, "micronet": import_micronet}
 
 
 def import_checkpoint(source: str, src: Path, arch: str) -> dict[str, Any]:
     if source not in IMPORTERS:
         raise MicronetError(f"unknown checkpoint source {source!r}; known: {', '.join(IMPORTERS)}")
     return IMPORTERS[source](src, arch)
+
+
+# ---- KAIST-layout files without KAIST's release (toy runs, tests) ------------------------------------------
+
+
+@torch.no_grad()
+def synthetic_kaist_model(arch: str, rate: float, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random `arch` as KAIST's pruning leaves it: non-trivial BatchNorm statistics and biases, global magnitude
+    masks at `rate` over every conv/linear weight, applied."""
+    torch.manual_seed(seed)
+    model = create_model(arch)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        elif isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.uniform_(-0.5, 0.5)
+        elif isinstance(m, nn.Linear):  # at its init scale (std 0.01) the global threshold would take it whole
+            m.weight.normal_(0.0, 0.1)
+            m.bias.uniform_(-0.5, 0.5)
+    masks = global_magnitude_masks(prunable_weights(model), rate)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+    return model.eval(), masks
+
+
+def kaist_layout(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`model` saved as their MicroNet_Prune state_dict: each masked layer's `mask` buffer after its parameters."""
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, value in own.items():
+        state[key] = value.clone()
+        layer = key.rsplit(".", 1)[0]
+        last = f"{layer}.bias" if f"{layer}.bias" in own else f"{layer}.weight"
+        if f"{layer}.weight" in masks and key == last:
+            state[f"{layer}.mask"] = masks[f"{layer}.weight"].clone()
+    return state

@@ -36,8 +36,8 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves: the report
 DEMO_PREFIX = "demo-"  # experiments of the toy pipelines: synthetic data, their accuracy means nothing
 REPORT_EXPERIMENT = "micronet-report"
 PIPELINE_COLOURS = {"wave": "tab:blue", "kaist": "tab:orange", "fastai-wrn": "tab:green", "uci": "tab:red",
-                    "dnw": "tab:purple"}
-SPARE_COLOURS = ["tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+                    "dnw": "tab:purple", "kaist-wave": "tab:brown"}
+SPARE_COLOURS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 REPORT_FILES = ("index.html", "pareto.png", "summary.md")
 
 

@@ -1,5 +1,6 @@
 """`micronet quantize`: fold BatchNorm, round weights and activations to power-of-two fixed point, calibrate
-activation ranges on the validation split; report accuracy before and after."""
+activation ranges on the validation split, optionally fine-tune quantization-aware (`quantize.finetune`); report
+accuracy before and after, and how closely the quantized model follows its float input."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ def quantize_command(
 
     from micronet import runner
     from micronet.checkpoint import atomic_save, load_model, make_checkpoint
-    from micronet.compression.quantize import quantize_model
-    from micronet.data import build_splits
+    from micronet.compression.quantize import QuantizationAware, fidelity, predictions, quantize_model, sparsity_masks
+    from micronet.data import build_splits, num_classes
     from micronet.scoring import foldable_batchnorms
     from micronet.tracking import stage_run
-    from micronet.training import Runtime, evaluate, make_loader, setup_runtime
+    from micronet.training import Runtime, clear_resume, fit, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, single_process=True)  # calibration is one process
+    params = runner.prepare(params_path, single_process=True)  # calibration and fine-tuning: one process
     cfg = params.quantize
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}})
@@ -36,14 +37,19 @@ def quantize_command(
     runner.seed_everything(params.train.seed)
     model, source = load_model(input)
     model.to(runtime.device)
-    splits = build_splits(params.data)
+    masks = sparsity_masks(model)
+    if cfg.finetune is not None:
+        splits, train_data = runner.training_data(params, cfg.finetune, runtime, params.train.seed)
+    else:
+        splits, train_data = build_splits(params.data), None
     calibration_set = splits.val or splits.train_eval
     loader = make_loader(calibration_set, params.data.eval_batch_size, runtime, train=False, workers=params.data.workers)
     available = math.ceil(len(calibration_set) / params.data.eval_batch_size)
     if cfg.calibration_batches > available:
         typer.echo(f"warning: quantize.calibration_batches is {cfg.calibration_batches} but the calibration split "
                    f"holds {available} batches of {params.data.eval_batch_size}: calibrating on {available}", err=True)
-    before = evaluate(model, loader, runtime) if splits.val is not None else None
+    reference, labels = predictions(model, loader, runtime.device)  # the float model, once
+    top1 = lambda logits: float((logits.argmax(1) == labels).double().mean())  # noqa: E731
     input_size = tuple(calibration_set[0][0].shape)
     pairs = foldable_batchnorms(model, input_size) if cfg.fold_bn else []
     calibration = (x.to(runtime.device) for _, (x, _) in zip(range(cfg.calibration_batches), loader))
@@ -53,21 +59,43 @@ def quantize_command(
         method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
         momentum=cfg.momentum, points=cfg.activation_points, example=example,
     )
-    after = evaluate(model, loader, runtime) if splits.val is not None else None
+    quantized = predictions(model, loader, runtime.device)[0]
+    validating = splits.val is not None  # else the images are training images: no accuracy to report
+    summary = {
+        "val_accuracy_before": top1(reference) if validating else None,
+        "val_accuracy": top1(quantized) if validating else None,
+        **fidelity(reference, quantized),
+        "folded_batchnorms": len(info["spec"]["folded"]),
+        "activation_quantizers": len(info["spec"]["activation_layers"]),
+        "calibration_batches": info["calibration_batches"],
+    }
 
     with stage_run("quantize", params, params_path) as track:
         track.log_params({"quantize": cfg.model_dump()})
+        if cfg.finetune is not None:
+            qat = QuantizationAware(model, info["weight_exponents"], cfg.weight_bits)
+            resume = runner.resume_file(output)
+            recipe = cfg.finetune.model_copy(update={"precision": "fp32"})  # bf16 would blur the grid
+            fit(qat, train_data, splits.val, recipe, runtime, masks=qat.masks(masks),
+                batch_size=cfg.finetune.batch_size or params.data.batch_size, workers=params.data.workers,
+                seed=params.train.seed, num_classes=num_classes(params.data), resume_path=resume,
+                fingerprint=runner.fingerprint(input, params.data.model_dump(), cfg.model_dump(), params.train.seed),
+                desc="quantize (QAT)",
+                on_epoch=lambda r: track.log_metrics({f"finetune_{k}": v for k, v in r.items() if k != "epoch"},
+                                                     r["epoch"]))
+            model = qat.finish()
+            clear_resume(resume, runtime)
+            ptq = {f"{k}_ptq": summary[k] for k in ("val_accuracy", "agreement", "logit_relative_error")}
+            quantized = predictions(model, loader, runtime.device)[0]
+            summary.update(ptq, val_accuracy=top1(quantized) if validating else None, **fidelity(reference, quantized))
         atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize",
                                     mlflow_run_id=track.run_id), output)
-        summary = {
-            "val_accuracy_before": before.top1 if before else None,
-            "val_accuracy": after.top1 if after else None,
-            "folded_batchnorms": len(info["spec"]["folded"]),
-            "activation_quantizers": len(info["spec"]["activation_layers"]),
-            "calibration_batches": info["calibration_batches"],
-        }
         runner.publish(track, {metrics: summary}, summary)
-        change = "" if before is None else f", val accuracy {before.top1:.4f} -> {after.top1:.4f}"
+        change = "" if not validating else (f", val accuracy {summary['val_accuracy_before']:.4f} -> "
+                                            f"{summary['val_accuracy']:.4f}")
+        tuned = f", fine-tuned {cfg.finetune.epochs} epochs quantization-aware" if cfg.finetune is not None else ""
         typer.echo(f"quantize: {cfg.weight_bits}-bit weights, {cfg.activation_bits}-bit activations at "
                    f"{summary['activation_quantizers']} points, {summary['folded_batchnorms']} BatchNorms folded, "
-                   f"calibrated on {info['calibration_batches']} batches{change} -> {output}")
+                   f"calibrated on {info['calibration_batches']} batches{tuned}{change}, top-1 agreement with the "
+                   f"float model {summary['agreement']:.4f} (logits off by {summary['logit_relative_error']:.3g})"
+                   f" -> {output}")

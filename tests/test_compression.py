@@ -234,7 +234,7 @@ def test_hessian_criterion_removes_the_channel_with_the_least_w2_mean_g2():
     assert conv.out_channels == 5 and torch.equal(conv.weight.detach(), before[keep])
 
 
-def _quantized_toy(points: str = "every_op"):
+def _quantized_toy(points: str = "every_op", weight_bits: int = 9, activation_bits: int = 12):
     import copy
 
     from micronet.compression.quantize import batchnorm_to_affine, fold_batchnorms
@@ -252,7 +252,8 @@ def _quantized_toy(points: str = "every_op"):
     for m in folded.modules():
         if isinstance(m, nn.BatchNorm2d):
             batchnorm_to_affine(m)
-    info = quantize_model(model, pairs, calib, weight_bits=9, activation_bits=12, points=points, example=x[:1])
+    info = quantize_model(model, pairs, calib, weight_bits=weight_bits, activation_bits=activation_bits, points=points,
+                          example=x[:1])
     return model, info, x, reference, folded
 
 
@@ -324,3 +325,60 @@ def test_prune_stops_at_the_layer_cap_instead_of_overshooting():
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3) for b in layer]
     reference = [b for layer in (toy().layer1, toy().layer2, toy().layer3) for b in layer]
     assert all(b.conv1.out_channels >= 0.8 * r.conv1.out_channels - 1 for b, r in zip(blocks, reference))
+
+
+def test_quantization_aware_finetuning_lowers_the_loss_on_the_grid_with_masks_kept():
+    """The one loop trains a quantized sparse toy through straight-through rounding: its loss on the training data
+    falls, and after `finish` every parameter is exactly on its (frozen) grid and every pruned weight still zero.
+    The BN after the ReLU cannot be folded: it stays an affine map in eval mode while the loop trains."""
+    from torch.utils.data import TensorDataset
+
+    from micronet.compression.quantize import ActivationQuantizer, QuantizationAware, sparsity_masks
+    from micronet.config import OptimConfig
+    from micronet.scoring import foldable_batchnorms
+    from micronet.training import Runtime, evaluate, fit, make_loader
+
+    cpu = Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4)).eval()
+    apply_masks(model, global_magnitude_masks(prunable_weights(model), 0.5))
+    masks = sparsity_masks(model)
+    assert set(masks) == {"0.weight", "4.weight", "8.weight"}
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (64,), generator=g)
+    patterns = torch.randn(4, 3, 8, 8, generator=g)  # one image per class, under noise: learnable
+    data = TensorDataset(patterns[labels] + 0.5 * torch.randn(64, 3, 8, 8, generator=g), labels)
+    loader = make_loader(data, 64, cpu, train=False, workers=0)
+    info = quantize_model(model, foldable_batchnorms(model, (3, 8, 8)), [data.tensors[0]], weight_bits=6,
+                          activation_bits=8)
+    assert info["spec"]["folded"] == [["0", "1"]]
+    exponents = [int(m.exponent) for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    before = evaluate(model, loader, cpu).loss
+    qat = QuantizationAware(model, info["weight_exponents"], 6)
+    fit(qat, data, None, OptimConfig(epochs=8, lr=0.1, weight_decay=0.0), cpu, batch_size=16,
+        masks=qat.masks(masks))
+    assert not model[3].training  # the unfoldable BN never used batch statistics
+    model = qat.finish()
+    assert not any(n.endswith("original") for n, _ in model.named_parameters())
+    after = evaluate(model, loader, cpu).loss
+    assert after < 0.9 * before, (before, after)
+    for name, exponent in info["weight_exponents"].items():
+        p = model.get_parameter(name).detach()
+        assert torch.equal(p, quantize_tensor(p, 6, exponent)), name
+    for name, mask in masks.items():
+        assert not model.get_parameter(name).detach()[mask == 0].any(), name
+    assert [int(m.exponent) for m in model.modules() if isinstance(m, ActivationQuantizer)] == exponents
+
+
+def test_fidelity_counts_top1_agreement_and_the_relative_logit_error():
+    from micronet.compression.quantize import fidelity
+
+    reference = torch.tensor([[3.0, 1.0, 0.0], [1.0, 4.0, 0.0], [-2.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
+    logits = reference.clone()
+    logits[:, 2] = reference[:, 0]  # top-1: [0 (a tie: the first), 1, 1, 0] against [0, 1, 2, 0]
+    result = fidelity(reference, logits)
+    assert result["agreement"] == 0.75
+    assert result["logit_relative_error"] == pytest.approx(float(reference[:, 0].norm() / reference.norm()))
+    assert fidelity(reference, reference) == {"agreement": 1.0, "logit_relative_error": 0.0}

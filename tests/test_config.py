@@ -64,3 +64,21 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(MicronetError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_import_section_and_quantization_aware_recipe_are_validated(tmp_path):
+    from micronet.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("import: {source: k.t7, format: kaist, arch: kaist_micronet_v1, sorce: x}\n")
+    with pytest.raises(MicronetError, match=r"unknown key 'import.sorce'"):
+        load_params(path)
+    path.write_text("import: {source: k.t7, format: tflite, arch: kaist_micronet_v1}\n"
+                    "quantize: {finetune: {epochs: 1, precision: bf16}}\n")
+    with pytest.raises(MicronetError) as e:
+        load_params(path)
+    assert "key 'import.format' = 'tflite'" in str(e.value) and "quantize.finetune.precision bf16" in str(e.value)
+    path.write_text("import: {source: k.t7, arch: kaist_micronet_v1}\nquantize: {finetune: {epochs: 2}}\n")
+    params = load_params(path)
+    assert params.import_.format == "kaist" and params.quantize.finetune.epochs == 2
+    assert params.as_dict()["import"]["source"] == "k.t7"

@@ -125,3 +125,36 @@ def test_dnw_toy_pipeline(tmp_path):
         assert row["nonzero"] == row["numel"] - int(0.9 * row["numel"]), name  # exactly k = 10 % per layer
     train = json.loads((dnw / "metrics/train.json").read_text())
     assert train["density"] == pytest.approx(0.1, abs=0.001)
+
+
+def test_kaist_wave_toy_pipeline(tmp_path):
+    """A released KAIST file (here a random one in their layout, 60 % masked) imported, quantized with Wave's
+    method and fine-tuned quantization-aware: score under the winner's 0.0044, KAIST's zeros kept, weights on the
+    9-bit grid, fidelity metrics, one MLflow parent run."""
+    from micronet.compression.quantize import quantize_tensor
+
+    def shrink(toy: dict) -> None:
+        toy["data"]["synthetic"].update(train=60, test=50)  # the real MicroNet: every image costs
+        toy["data"].update(val_size=20, batch_size=20, eval_batch_size=50)
+        toy["quantize"]["finetune"].update(max_steps_per_epoch=2)
+
+    repo = repository_copy(tmp_path / "repo", "kaist-wave", shrink, file="toy.yaml")
+    env = environment()
+    out = make_demo(repo, "kaist-wave", env)
+    assert stages_run(out) == ["import", "sparsify", "quantize", "score"]
+    pipeline = repo / "pipelines/kaist-wave"
+    score = score_matches_checkpoint(pipeline, "models/quantize.pt")
+    assert score["score"] < 0.0044
+    ckpt = torch.load(pipeline / "models/quantize.pt", map_location="cpu", weights_only=True)
+    weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() >= 2]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.6, abs=0.002)
+    assert ckpt["quantization"]["weight_bits"] == 9
+    for w in weights:  # some power-of-two 9-bit grid holds every weight exactly
+        assert any(torch.equal(w, quantize_tensor(w, 9, e)) for e in range(-4, 24))
+    quantize = json.loads((pipeline / "metrics/quantize.json").read_text())
+    assert 0.5 <= quantize["agreement"] <= 1 and 0 < quantize["logit_relative_error"] < 0.5
+    assert {"val_accuracy_ptq", "agreement_ptq"} <= set(quantize)
+    parent, children = mlflow_stage_runs(repo, "demo-kaist-wave")
+    assert sorted(children) == ["quantize", "score"]  # import logs nothing; sparsify is switched off
+    assert parent.data.tags["micronet.pipeline"] == "kaist-wave" and parent.data.metrics["score"] == score["score"]

@@ -12,13 +12,11 @@ import typer
 from typer.testing import CliRunner
 
 from micronet.checkpoint import build_from_checkpoint, load_model
-from micronet.compression.sparsity import global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report
+from micronet.compression.sparsity import overall_sparsity, sparsity_report
 from micronet.errors import MicronetError
-from micronet.importers import import_kaist
+from micronet.importers import import_kaist, kaist_layout, synthetic_kaist_model
 from micronet.nets import create_model
 from stages.import_checkpoint import import_command
-
-from counting import randomize_bn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,29 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def pruned_micronet(arch: str = "kaist_micronet_v1", rate: float = 0.6) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A model as KAIST's pruning leaves it: global magnitude masks applied, BN statistics non-trivial."""
-    model = randomize_bn(create_model(arch))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.uniform_(-0.5, 0.5)
-        masks = global_magnitude_masks(prunable_weights(model), rate)
-        params = dict(model.named_parameters())
-        for name, mask in masks.items():
-            params[name].mul_(mask)
-    return model.eval(), masks
-
-
-def kaist_layout(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MicroNet_Prune's state_dict order: each masked layer's `mask` buffer after its parameters."""
-    own = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for key, value in own.items():
-        state[key] = value.clone()
-        layer = key.rsplit(".", 1)[0]
-        last = f"{layer}.bias" if f"{layer}.bias" in own else f"{layer}.weight"
-        if f"{layer}.weight" in masks and key == last:
-            state[f"{layer}.mask"] = masks[f"{layer}.weight"].clone()
-    return state
+    return synthetic_kaist_model(arch, rate)
 
 
 def save(obj, path: Path) -> Path:
@@ -80,7 +56,7 @@ def test_round_trip_pruned_file(tmp_path):
 
 def test_training_file_uses_net4_and_strips_module_prefix(tmp_path):
     model, masks = pruned_micronet("kaist_micronet_v2", rate=0.3)
-    other, _ = pruned_micronet("kaist_micronet_v2", rate=0.0)
+    other, _ = synthetic_kaist_model("kaist_micronet_v2", rate=0.0, seed=1)
     final = {f"module.{k}": v for k, v in kaist_layout(model, masks).items()}
     training_file = {"net_init": other.state_dict(), "net1": other.state_dict(), "net4": final,
                      "train_losses": [2.1, 1.7], "flops_params": (1.0, 2.0, 3.0)}
@@ -180,7 +156,7 @@ def test_import_command_writes_checkpoint(tmp_path, kaist_state):
         assert torch.equal(value, kaist_state[key])
 
     result = CliRunner().invoke(cli(), ["wave", str(src), "--arch", "kaist_micronet_v1", "--output", str(out)])
-    assert isinstance(result.exception, MicronetError) and "known: kaist" in str(result.exception)
+    assert isinstance(result.exception, MicronetError) and "known: kaist, micronet" in str(result.exception)
 
 
 def test_the_command_names_every_importer():
@@ -188,3 +164,41 @@ def test_the_command_names_every_importer():
     from stages import import_checkpoint
 
     assert tuple(IMPORTERS) == import_checkpoint.IMPORTERS
+
+
+def params_with_import(tmp_path: Path, source: str, extra: str = "") -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(f"import:\n  source: {source}\n  format: kaist\n  arch: kaist_micronet_v1\n{extra}")
+    return path
+
+
+def test_import_stage_names_the_param_and_where_to_get_a_missing_file(tmp_path):
+    params = params_with_import(tmp_path, "../../data/kaist/micronet_v1_pr_60.t7")
+    out = tmp_path / "models" / "import.pt"
+    result = CliRunner().invoke(cli(), ["--params", str(params), "--output", str(out)])
+    assert isinstance(result.exception, MicronetError) and not out.exists()
+    msg = str(result.exception)
+    assert "\n" not in msg and "key 'import.source' = '../../data/kaist/micronet_v1_pr_60.t7': no such file" in msg
+    assert "Kthyeon/KAIST-AI-NeurIPS2019-MicroNet-2nd-place-solution" in msg and "set import.source" in msg
+
+
+def test_import_stage_reads_the_params_and_synth_kaist_writes_the_toy_file(tmp_path):
+    from stages.import_checkpoint import synth_kaist_command
+
+    params = params_with_import(tmp_path, "data/k.t7", "  synthetic: {sparsity: 0.6, seed: 0}\n")
+    synth = typer.Typer()
+    synth.command()(synth_kaist_command)
+    result = CliRunner().invoke(synth, ["--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert sum(k.endswith(".mask") for k in torch.load(tmp_path / "data/k.t7", weights_only=True)) == 86
+    out = tmp_path / "models" / "import.pt"
+    result = CliRunner().invoke(cli(), ["--params", str(params), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    model, ckpt = load_model(out)
+    assert ckpt["source"]["file"] == "k.t7" and "sparsity 60.00%" in result.output
+    # a micronet checkpoint imports too (any pipeline's output can start another), with its arch checked
+    again = params_with_import(tmp_path, "models/import.pt")
+    again.write_text(again.read_text().replace("format: kaist", "format: micronet"))
+    result = CliRunner().invoke(cli(), ["--params", str(again), "--output", str(tmp_path / "again.pt")])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_model(tmp_path / "again.pt")[0].linear.weight, model.linear.weight)

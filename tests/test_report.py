@@ -219,3 +219,20 @@ def test_compression_steps_plot_accuracy_against_parameters_or_sparsity(tmp_path
     with pytest.raises(MicronetError, match="x = 'epochs'"):
         compression_steps(prune, tmp_path / "bad.png", x="epochs")
     assert compression_steps([], tmp_path / "none.png") is None
+
+
+def test_a_bit_width_sweep_of_kaist_wave_is_one_colour_with_its_changed_param(tmp_path):
+    """kaist-wave has no published figures of its own: its runs still get a fixed colour, a panel and the swept
+    param in their rows."""
+    run = lambda bits, acc, score: report.PipelineRun(  # noqa: E731
+        run_id=f"r{bits}", experiment="kaist-wave", name=f"bits{bits}", pipeline="kaist-wave", task="cifar100",
+        params={"quantize.weight_bits": str(bits)}, metrics={"accuracy": acc, "score": score}, qualifies=acc >= 0.8,
+        commit="")
+    runs = [run(9, 0.801, 0.00415), run(8, 0.799, 0.0039), run(7, 0.79, 0.0037)]
+    assert report._colours(["kaist-wave", "someone-new"])["kaist-wave"] == "tab:brown"
+    assert report.changed_params(runs)["r8"] == {"quantize.weight_bits": "8"}
+    rows = {r["run"]: r for r in report.run_rows(runs, report.published_figures())}
+    assert rows["bits8"]["changed params"] == "quantize.weight_bits=8" and rows["bits8"]["score"] == "0.0039"
+    assert rows["bits9"]["qualifies"] == "yes" and rows["bits7"]["published score"] == "-"
+    png = report.draw_pareto(runs, report.published_figures(), tmp_path / "sweep.png")
+    assert Image.open(png).format == "PNG"

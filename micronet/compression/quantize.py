@@ -4,7 +4,16 @@ insert activation quantizers calibrated on the validation split.
 
 A value x in b bits with exponent e is stored as the integer round(clamp(x * 2^e, -2^(b-1), 2^(b-1)-1));
 the model keeps x_q = int / 2^e in float32, which represents it exactly, so evaluation is bit-true.
-The counter reads `weight_bits` on modules and `activation_bits` on quantizers."""
+The counter reads `weight_bits` on modules and `activation_bits` on quantizers.
+
+Quantization-aware fine-tuning (`quantization_aware`) trains the quantized model through the same rounding, with
+the straight-through estimator. The rounding is torch's fake-quant kernel (`torch.fake_quantize_per_tensor_affine`,
+what torch.ao's FakeQuantize calls) at scale 2^-e, zero point 0: bit-equal to the formula above, for every bit
+width up to 32. torch.ao's QAT flow and brevitas are not used around it: both swap modules for their quantized
+versions and choose scales with their own observers (min/max, histogram; brevitas' power-of-two option rounds the
+log-scale of a learnt or max-based range), neither has Wave's SigmaMax |mean| + k*std bound, and both quantize at
+layer boundaries, not at every computed output (residual sums, h-swish, SE products) as Wave's hooks do. The
+exponents stay the ones calibration chose (weights and activations alike: frozen, not learnt)."""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from micronet.compression import replace_module
 from micronet.errors import MicronetError
@@ -31,9 +41,10 @@ def power_of_two_exponent(bound: float, bits: int) -> int:
 
 
 def quantize_tensor(x: torch.Tensor, bits: int, exponent: int) -> torch.Tensor:
-    scale = 2.0**exponent
+    """x on the b-bit grid of step 2^-e (round half to even); the gradient is straight through inside the range
+    and zero where x is clamped."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(x * scale, low, high).round_() / scale
+    return torch.fake_quantize_per_tensor_affine(x.float(), 2.0**-exponent, 0, low, high).to(x.dtype)
 
 
 def range_bound(x: torch.Tensor, method: str, sigmas: float) -> float:
@@ -288,3 +299,93 @@ def quantize_model(
     }
     model._quantization_spec = spec
     return {"spec": spec, "weight_exponents": exponents, "calibration_batches": batches}
+
+
+# ---- quantization-aware fine-tuning --------------------------------------------------------------------------
+
+
+class WeightQuantizer(nn.Module):
+    """A parametrization: the layer computes with its parameter on the grid, the optimizer moves the float value
+    underneath (straight-through gradient). The exponent is the one post-training quantization chose."""
+
+    def __init__(self, bits: int, exponent: int):
+        super().__init__()
+        self.bits, self.exponent = int(bits), int(exponent)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return quantize_tensor(w, self.bits, self.exponent)
+
+
+class QuantizationAware(nn.Module):
+    """What the one training loop fine-tunes: the quantized net, weights behind `WeightQuantizer`s, activation
+    quantizers at their calibrated exponents. train() leaves every BatchNorm in eval mode: after quantization a BN
+    is folded away or is the fixed affine map its statistics gave, never batch statistics again."""
+
+    def __init__(self, net: nn.Module, exponents: dict[str, int], bits: int):
+        super().__init__()
+        self.net = net
+        for key, exponent in exponents.items():
+            layer, _, name = key.rpartition(".")
+            parametrize.register_parametrization(net.get_submodule(layer), name, WeightQuantizer(bits, exponent))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> "QuantizationAware":
+        super().train(mode)
+        for m in self.net.modules():
+            if isinstance(m, BatchNorm):
+                m.eval()
+        return self
+
+    def masks(self, zeros_of: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sparsity masks (net parameter name -> 0/1) renamed to the float parameters the optimizer moves."""
+        renamed = {}
+        for key, mask in zeros_of.items():
+            layer, _, name = key.rpartition(".")
+            module = self.net.get_submodule(layer)
+            inner = f"parametrizations.{name}.original" if parametrize.is_parametrized(module, name) else name
+            renamed[f"net.{layer}.{inner}"] = mask
+        return renamed
+
+    @torch.no_grad()
+    def finish(self) -> nn.Module:
+        """The net with every parameter replaced by its value on the grid (a masked float weight is 0, and so is
+        its rounding): what the checkpoint stores and the counter counts."""
+        for m in list(self.net.modules()):
+            if parametrize.is_parametrized(m):
+                for name in list(m.parametrizations):
+                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        return self.net.eval()
+
+
+def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Conv/linear weights with exact zeros (a sparsified model) -> their 0/1 masks; dense weights need none."""
+    masks = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and bool((m.weight == 0).any()):
+            masks[f"{name}.weight"] = (m.weight != 0).to(m.weight.dtype).detach().clone()
+    return masks
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on the CPU) and labels of every evaluation image, in loader order."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    if not logits:
+        raise MicronetError("quantize: the evaluation split holds no images to compare the models on")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def fidelity(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How closely quantized logits follow the float model's where labels say little (e.g. synthetic data): the
+    share of images with the same top-1 class, and ||z_q - z_f|| / ||z_f|| over all logits."""
+    agreement = float((reference.argmax(1) == logits.argmax(1)).double().mean())
+    norm = float(reference.double().norm())
+    error = float((logits.double() - reference.double()).norm()) / norm if norm else math.nan
+    return {"agreement": agreement, "logit_relative_error": error}
