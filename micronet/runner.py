@@ -7,7 +7,6 @@ import csv
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
 from micronet.checkpoint import atomic_save, file_digest
 from micronet.config import OptimConfig, Params, PruneConfig, SparsifyConfig, load_params
 from micronet.data import Splits, build_splits, ensure_dataset
 from micronet.errors import MicronetError
+from micronet.training import seed_everything  # noqa: F401 - the stages seed through the runner
 
 
 def prepare(params_path: Path, single_process: bool = False) -> Params:
@@ -46,12 +45,6 @@ def prepare(params_path: Path, single_process: bool = False) -> Params:
                "-m", "micronet.cli", *sys.argv[1:]]
         raise SystemExit(subprocess.call(cmd))
     return params
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -254,7 +247,7 @@ def compress_in_steps(
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
     from micronet.compression.sparsity import step_rates
     from micronet.data import num_classes
-    from micronet.training import clear_resume, fit
+    from micronet.training import clear_resume, derived_seed, fit
 
     key = fingerprint(input, params.data.model_dump(), section.model_dump(), params.train.seed)
     if plan is None:
@@ -278,6 +271,7 @@ def compress_in_steps(
     for step, spec in enumerate(plan):
         if step < first_step:
             continue
+        seed_everything(derived_seed(params.train.seed, step))  # a resumed step draws as an uninterrupted one
         masks = compress(model, step, spec.target)
         model.to(runtime.device)
         resume = resume_file(output, f".step{step}")
