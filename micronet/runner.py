@@ -23,11 +23,39 @@ from micronet.errors import MicronetError
 from micronet.training import seed_everything  # noqa: F401 - the stages seed through the runner
 
 
-def prepare(params_path: Path, single_process: bool = False) -> Params:
-    """Validate params and make sure the data set is there (download once, write a synthetic one, or fail in one
-    line). If distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very command under
-    `torchrun --nproc-per-node N` and exit with its status (not for `single_process` stages such as score)."""
+# The params each stage command reads, as its dvc.yaml stage lists them (tests/test_reliability.py checks every
+# pipeline): they must be in the params file, so a deleted section fails instead of running on built-in defaults.
+STAGE_PARAMS = {
+    "train": ["data", "model", "{section}", "distributed"],  # "model": unless {section}.model names the network
+    "prune": ["data", "prune", "train.seed", "distributed"],
+    "sparsify": ["data", "sparsify", "train.seed", "distributed"],
+    "quantize": ["data", "quantize", "train.seed", "distributed.device"],
+    "score": ["data", "score", "distributed.device"],
+}
+
+
+def stage_params(params: Params, stage: str, section: str = "train") -> list[str]:
+    keys = [key.format(section=section) for key in STAGE_PARAMS[stage]]
+    if stage == "train" and section in params.explicit_sections() and params.training(section).model is not None:
+        keys.remove("model")
+    return keys
+
+
+def require_params(params: Params, params_path: Path, stage: str, section: str = "train") -> None:
+    """Every section the stage reads is written in the params file: none falls back to a built-in default."""
+    for key in stage_params(params, stage, section):
+        if not params.has(key):
+            raise MicronetError(f"{params_path}: key '{key}' is missing; `micronet {stage}` reads it and uses no "
+                                f"built-in default: add it (pipelines/demo/params.yaml shows every section)")
+
+
+def prepare(params_path: Path, stage: str, section: str = "train", single_process: bool = False) -> Params:
+    """Validate params (and that the `stage` finds every section it reads) and make sure the data set is there
+    (download once, write a synthetic one, or fail in one line). If distributed.nproc_per_node > 1 and we are not
+    under torchrun yet, re-run this very command under `torchrun --nproc-per-node N` and exit with its status (not
+    for `single_process` stages such as score)."""
     params = load_params(params_path)
+    require_params(params, params_path, stage, section)
     n = params.distributed.nproc_per_node
     if "LOCAL_RANK" in os.environ:
         return params

@@ -41,7 +41,7 @@ def prune_command(
     from micronet.tracking import stage_run
     from micronet.training import setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "prune")
     cfg = params.prune
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}, plots: []})

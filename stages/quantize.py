@@ -26,7 +26,7 @@ def quantize_command(
     from micronet.tracking import stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, single_process=True)  # calibration is one process
+    params = runner.prepare(params_path, "quantize", single_process=True)  # calibration is one process
     cfg = params.quantize
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}})

@@ -23,7 +23,7 @@ def score_command(
     from micronet.tracking import QUALIFIES_TAG, stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, single_process=True)
+    params = runner.prepare(params_path, "score", single_process=True)
     cfg = params.score
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     model, source = load_model(input)

@@ -28,7 +28,7 @@ def sparsify_command(
     from micronet.tracking import stage_run
     from micronet.training import setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "sparsify")
     cfg = params.sparsify
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}, layers: {}, plots: []})

@@ -29,7 +29,7 @@ def train_command(
     from micronet.tracking import TEACHER_RUN_TAG, stage_run
     from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "train", section)
     cfg = params.training(section)
     if not cfg.enabled:
         runner.skip_stage(Path(cfg.checkpoint), output, {metrics: {}, plots: []})

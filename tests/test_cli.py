@@ -84,7 +84,7 @@ def test_more_processes_than_gpus_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(MicronetError) as err:
-        runner.prepare(path)
+        runner.prepare(path, "train")
     message = str(err.value)
     assert "distributed.nproc_per_node' = 4" in message and "1 GPU(s) are visible" in message
     assert "set it to at most 1" in message and "\n" not in message
