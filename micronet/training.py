@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from micronet.checkpoint import atomic_save, safe_load
+from micronet.checkpoint import atomic_save, load_resume
 from micronet import recipe
 from micronet.config import DistributedConfig, OptimConfig
 from micronet.errors import MicronetError
@@ -299,18 +299,17 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     start_epoch = 0
 
-    if resume_path is not None and resume_path.is_file():
-        state = safe_load(resume_path)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            start_epoch = state["epoch"] + 1
-            optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
-            best_state = state["best_model"]
-            if runtime.is_main:
-                tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
+    fields = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "best_epoch", "best_model")
+    if resume_path is not None and (state := load_resume(resume_path, fingerprint, fields)) is not None:
+        model.load_state_dict(state["model"])
+        start_epoch = state["epoch"] + 1
+        optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
+        best_state = state["best_model"]
+        if runtime.is_main:
+            tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
 
     train_model: nn.Module = model
     if runtime.distributed:

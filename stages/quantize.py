@@ -19,14 +19,15 @@ def quantize_command(
     import math
 
     from micronet import runner
-    from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.checkpoint import load_model, make_checkpoint
     from micronet.compression.quantize import quantize_model
     from micronet.data import build_splits
     from micronet.scoring import foldable_batchnorms
     from micronet.tracking import stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, "quantize", single_process=True)  # calibration is one process
+    # calibration is one process
+    params = runner.prepare(params_path, "quantize", [output, metrics], single_process=True)
     cfg = params.quantize
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}})
@@ -57,8 +58,6 @@ def quantize_command(
 
     with stage_run("quantize", params, params_path) as track:
         track.log_params({"quantize": cfg.model_dump()})
-        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize",
-                                    mlflow_run_id=track.run_id), output)
         summary = {
             "val_accuracy_before": before.top1 if before else None,
             "val_accuracy": after.top1 if after else None,
@@ -66,7 +65,9 @@ def quantize_command(
             "activation_quantizers": len(info["spec"]["activation_layers"]),
             "calibration_batches": info["calibration_batches"],
         }
-        runner.publish(track, {metrics: summary}, summary)
+        checkpoint = make_checkpoint(model, source["arch"], source["args"], stage="quantize",
+                                     mlflow_run_id=track.run_id)
+        runner.publish(track, {metrics: summary}, summary, checkpoint=(output, checkpoint))
         change = "" if before is None else f", val accuracy {before.top1:.4f} -> {after.top1:.4f}"
         typer.echo(f"quantize: {cfg.weight_bits}-bit weights, {cfg.activation_bits}-bit activations at "
                    f"{summary['activation_quantizers']} points, {summary['folded_batchnorms']} BatchNorms folded, "

@@ -34,7 +34,7 @@ def test_shipped_params_validate():
         (lambda r: r["quantize"].__setitem__("wieght_bits", 8), "unknown key 'quantize.wieght_bits'"),
         (lambda r: r.__setitem__("extra", {}), "unknown key 'extra'"),
         (lambda r: r["model"].__setitem__("arch", "nope"), "arch 'nope' is not registered"),
-        (lambda r: r["model"]["args"].__setitem__("width", 3), "args.width: pyramidnet takes no argument 'width'"),
+        (lambda r: r["model"]["args"].__setitem__("width", 3), "'args.width': pyramidnet takes no argument 'width'"),
         (lambda r: r["sparsify"].__setitem__("rate", -0.1), "sparsify.rate' = -0.1"),
         (lambda r: r["train"].__setitem__("enabled", False), "train.checkpoint must name"),
         (lambda r: r["prune"]["bring_back_finetune"].__setitem__("batch_size", 7),

@@ -120,3 +120,94 @@ def test_stage_killed_mid_epoch_resumes_bit_identical(pipeline, stage, monkeypat
     total = TINY["train"]["epochs"] if stage == "train" else None
     assert total is None or epochs == set(range(1, total + 1))
     assert 1 in epochs  # the killed run's first epoch is in the run that finished
+
+
+# ---- no stage guesses: malformed params are one line, exit 2, before any work, nothing overwritten ------------
+
+
+def cli_error(argv: list[str], monkeypatch, capsys) -> str:
+    """Run `micronet ...` in-process as the console script does; return its one-line error (exit 2 asserted)."""
+    from micronet import cli
+
+    monkeypatch.setattr(sys, "argv", ["micronet", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def drop(section: str):
+    return lambda text: "\n".join(line for line in _without_section(text.splitlines(), section))
+
+
+def _without_section(lines: list[str], section: str):
+    inside = False
+    for line in lines:
+        if line and not line[0].isspace():
+            inside = line.startswith(f"{section}:")
+        if not inside:
+            yield line
+
+
+def sub(old: str, new: str):
+    return lambda text: text.replace(old, new, 1)
+
+
+MALFORMED_PARAMS = [  # pipeline, stage, edit of its params.yaml, what the message must say
+    ("demo", "prune", drop("prune"), "key 'prune' is missing"),
+    ("kaist", "sparsify", drop("sparsify"), "key 'sparsify' is missing"),
+    ("demo", "train", sub("  lr: 0.1\n", "  lr: .inf\n"), "'train.lr' = inf: Input should be a finite number"),
+    ("demo", "train", sub("  lr: 0.1\n", "  lr: 0.1\n  lr: 0.2\n"), "key 'lr' given twice (lines"),
+    ("demo", "train", sub("  depth: 11\n", "  depth: -5\n"), "'args.depth' = -5: input should be greater than or"),
+    ("uci", "train", sub("{arch: efficientnet_ex, args: {num_classes: 100}}",
+                         "{arch: efficientnet_cifar, args: {num_classes: 100, width: -0.3}}"),
+     "'args.width' = -0.3: input should be greater than 0"),
+    ("demo", "train", sub("  batch_size: 64\n", "  batch_size: 64\n  std: [0, 0, 0]\n"), "'data.std.0' = 0"),
+    ("demo", "train", sub("  epochs: 6\n", "  epochs: [6\n"), "line"),
+    ("demo", "train", sub("arch: pyramidnet", "arch: pyramidnot"), "arch 'pyramidnot' is not registered"),
+]
+
+
+@pytest.mark.parametrize("pipeline, stage, edit, expected", MALFORMED_PARAMS,
+                         ids=[f"{p}-{s}-{e.split(':')[0][:30]}" for p, s, _, e in MALFORMED_PARAMS])
+def test_malformed_params_are_one_line_before_any_work(tmp_path, monkeypatch, capsys, pipeline, stage, edit, expected):
+    original = (REPO / "pipelines" / pipeline / "params.yaml").read_text()
+    text = edit(original)
+    assert text != original
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    outputs = {name: tmp_path / name for name in ("out.pt", "metrics.json", "plots.csv")}
+    for path in outputs.values():
+        path.write_text("previous")
+    section = ["--section", "train_ex"] if pipeline == "uci" else []
+    argv = [stage, "--params", str(params), "--output", str(outputs["out.pt"]), "--metrics",
+            str(outputs["metrics.json"]), "--plots", str(outputs["plots.csv"]), *section]
+    if stage != "train":
+        argv += ["--input", str(tmp_path / "in.pt")]
+    err = cli_error(argv, monkeypatch, capsys)
+    assert str(params) in err and expected in err, err
+    assert all(path.read_text() == "previous" for path in outputs.values())
+
+
+def test_every_dvc_stage_lists_exactly_the_params_its_command_requires():
+    """runner.STAGE_PARAMS is what a stage refuses to run without; each pipeline's dvc.yaml lists the same keys,
+    and each pipeline's params file has them all."""
+    import shlex
+
+    from micronet import runner
+    from micronet.config import load_params
+
+    checked = 0
+    for dvc in [REPO / "dvc.yaml", *sorted((REPO / "pipelines").glob("*/dvc.yaml"))]:
+        for name, stage in yaml.safe_load(dvc.read_text())["stages"].items():
+            cmd = shlex.split(stage["cmd"])
+            if cmd[:1] != ["micronet"] or cmd[1] not in runner.STAGE_PARAMS:
+                continue
+            options = dict(zip(cmd[2::2], cmd[3::2]))
+            path, section = dvc.parent / options.get("--params", "params.yaml"), options.get("--section", "train")
+            params = load_params(path)
+            assert stage.get("params") == runner.stage_params(params, cmd[1], section), f"{dvc}: {name}"
+            runner.require_params(params, path, cmd[1], section)
+            checked += 1
+    assert checked >= 20

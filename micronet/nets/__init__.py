@@ -45,7 +45,7 @@ def args_schema(name: str) -> type[BaseModel]:
 def validate_args(name: str, args: dict[str, Any], prefix: str = "args") -> dict[str, Any]:
     """`args` checked against builder `name` (unknown names, types, ranges); one line naming the first bad key."""
     if name not in _REGISTRY:
-        raise MicronetError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
+        raise MicronetError(f"'arch' = {name!r}: unknown architecture; registered: {', '.join(list_models())}")
     schema = args_schema(name)
     try:
         return schema.model_validate(args).model_dump(include=set(args))
@@ -53,9 +53,9 @@ def validate_args(name: str, args: dict[str, Any], prefix: str = "args") -> dict
         error = exc.errors()[0]
         key = ".".join([prefix, *map(str, error["loc"])])
         if error["type"] == "extra_forbidden":
-            raise MicronetError(f"{key}: {name} takes no argument {error['loc'][-1]!r}; it takes "
+            raise MicronetError(f"'{key}': {name} takes no argument {error['loc'][-1]!r}; it takes "
                                 f"{', '.join(schema.model_fields)}") from None
-        raise MicronetError(f"{key} = {error.get('input')!r}: {error['msg'].lower()}") from None
+        raise MicronetError(f"'{key}' = {error.get('input')!r}: {error['msg'].lower()}") from None
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
