@@ -3,6 +3,7 @@ uninterrupted run, and its MLflow run is taken over."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -211,3 +212,159 @@ def test_every_dvc_stage_lists_exactly_the_params_its_command_requires():
             runner.require_params(params, path, cmd[1], section)
             checked += 1
     assert checked >= 20
+
+
+# ---- outputs are a unit ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failed_write_leaves_every_previous_output(tmp_path, monkeypatch, code):
+    """The metrics write fails after the checkpoint's temporary is written: the old checkpoint and metrics stay,
+    no temporary is left, and the error is one line naming the file."""
+    from micronet import runner
+    from micronet.errors import MicronetError
+
+    checkpoint, metrics = tmp_path / "model.pt", tmp_path / "metrics" / "m.json"
+    metrics.parent.mkdir()
+    checkpoint.write_text("old checkpoint")
+    metrics.write_text("old metrics")
+    real = runner.write_temporary
+
+    def failing(path, write):
+        if path == metrics:
+            raise OSError(code, os.strerror(code), str(metrics))
+        return real(path, write)
+
+    monkeypatch.setattr(runner, "write_temporary", failing)
+    with pytest.raises(MicronetError) as err:
+        runner.write_outputs({checkpoint: {"w": torch.zeros(2)}, metrics: {"accuracy": 0.5}})
+    assert str(metrics) in str(err.value) and "\n" not in str(err.value) and "previous outputs" in str(err.value)
+    assert checkpoint.read_text() == "old checkpoint" and metrics.read_text() == "old metrics"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.json", "metrics", "model.pt"]
+
+
+def test_a_stage_refuses_an_unwritable_output_before_any_work(tmp_path, monkeypatch, capsys):
+    """A read-only metrics folder (simulated: the tests may run as root, whom permissions do not stop): exit 2
+    before the params are even used for work, both old outputs in place."""
+    from micronet import runner
+
+    real = runner.write_temporary
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+
+    def read_only(path, write):
+        if path.parent == metrics_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(runner, "write_temporary", read_only)
+    (tmp_path / "quantize.pt").write_text("previous")
+    (metrics_dir / "quantize.json").write_text("previous")
+    err = cli_error(["quantize", "--params", str(REPO / "pipelines/demo/params.yaml"), "--input",
+                     str(tmp_path / "none.pt"), "--output", str(tmp_path / "quantize.pt"), "--metrics",
+                     str(metrics_dir / "quantize.json")], monkeypatch, capsys)
+    assert "quantize.json: cannot write (the file system is read-only)" in err
+    assert (tmp_path / "quantize.pt").read_text() == (metrics_dir / "quantize.json").read_text() == "previous"
+
+
+def test_outputs_keep_the_users_umask(tmp_path):
+    from micronet import runner
+    from micronet.checkpoint import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        runner.write_outputs({tmp_path / "a.json": {"x": 1}, tmp_path / "b.csv": [{"epoch": 1}]})
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {n: 0o644 for n in ("a.json", "b.csv",
+                                                                                                   "c.pt")}
+
+
+# ---- checkpoints are data ----------------------------------------------------------------------------------
+
+
+def _good_checkpoint() -> dict:
+    from micronet.checkpoint import make_checkpoint
+    from micronet.nets import create_model
+
+    args = {"depth": 11, "alpha": 4, "num_classes": 10}
+    torch.manual_seed(0)
+    return make_checkpoint(create_model("pyramidnet", **args), "pyramidnet", args)
+
+
+def _with(**changes):
+    def edit(ckpt: dict) -> dict:
+        for dotted, value in changes.items():
+            *parents, last = dotted.split("__")
+            node = ckpt
+            for key in parents:
+                node = node[key]
+            if value is None:
+                del node[last]
+            else:
+                node[last] = value
+        return ckpt
+
+    return edit
+
+
+QUANT_SPEC = {"weight_bits": 8, "activation_bits": 8, "folded": [], "weight_layers": [], "activation_layers": ["nope"]}
+MALFORMED_CHECKPOINTS = {
+    "missing channel_plan": (_with(channel_plan=None), "field 'channel_plan' is missing"),
+    "unknown builder argument": (_with(args__width=2), "field 'args.width': pyramidnet takes no argument 'width'"),
+    "bad builder argument": (_with(args__depth=-5), "field 'args.depth' = -5: input should be greater than or equal"),
+    "negative channel plan": (_with(channel_plan__conv1__out_channels=-3),
+                              "field 'channel_plan.conv1.out_channels' = -3: input should be greater than or equal"),
+    "quantization spec naming a missing layer": (_with(quantization=QUANT_SPEC),
+                                                 "field 'quantization' names a layer pyramidnet lacks"),
+    "unknown architecture": (_with(arch="nonet"), "field 'arch' = 'nonet': unknown architecture"),
+    "foreign format": (_with(format="other/2"), "field 'format' = 'other/2': input should be 'micronet-checkpoint/1'"),
+    "weights that are not tensors": (lambda ckpt: {**ckpt, "state_dict": {**ckpt["state_dict"], "conv1.weight": [1.0]}},
+                                     "field 'state_dict.conv1.weight' = [1.0]: input should be an instance of tensor"),
+    "a tensor, not a checkpoint": (lambda ckpt: torch.zeros(3), "not a micronet-checkpoint/1 file (holds a Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CHECKPOINTS))
+def test_malformed_checkpoint_is_one_line_naming_file_and_field(tmp_path, monkeypatch, capsys, case):
+    edit, expected = MALFORMED_CHECKPOINTS[case]
+    path = tmp_path / "model.pt"
+    torch.save(edit(_good_checkpoint()), path)
+    err = cli_error(["count", "--checkpoint", str(path)], monkeypatch, capsys)
+    assert err.startswith(f"error: {path}: ") and expected in err, err
+
+
+def test_pickled_code_is_refused_without_suggesting_weights_only_false(tmp_path):
+    from micronet.checkpoint import safe_load
+    from micronet.errors import MicronetError
+
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": Path("x")}, path)  # any class outside the allow-list: loading it would unpickle code
+    with pytest.raises(MicronetError) as err:
+        safe_load(path)
+    assert "refused" in str(err.value) and "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage", "tensor", "foreign"])
+def test_a_corrupt_or_foreign_resume_file_is_set_aside(tmp_path, capsys, content):
+    """The stage warns in one line, renames the file aside and trains from the last good state (here: scratch)."""
+    import torch.nn as nn
+    from torch.utils.data import TensorDataset
+
+    from micronet.config import OptimConfig
+    from micronet.training import Runtime, fit
+
+    resume = tmp_path / "train.resume.pt"
+    if content == "tensor":
+        torch.save(torch.zeros(3), resume)
+    elif content == "foreign":
+        torch.save({"epoch": 3, "weights": torch.zeros(3)}, resume)
+    else:
+        resume.write_bytes(content)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    result = fit(nn.Linear(4, 2), data, None, OptimConfig(epochs=1, lr=0.1), Runtime(torch.device("cpu")),
+                 batch_size=16, resume_path=resume, fingerprint="k")
+    assert len(result.history) == 1 and (tmp_path / "train.resume.pt.corrupt").is_file()
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "moved it to train.resume.pt.corrupt" in warning[0]
