@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, ValidationError, field_validator, model_validator,
+)
 
 from micronet.errors import MicronetError
 
@@ -43,6 +45,15 @@ class AugmentConfig(Section):
     p_lighting: float = Field(1.0, ge=0, le=1, description="probability of the colour jitter (fastai: 0.75)")
     normalize: bool = True
     cutout: int = Field(0, ge=0, le=256, description="side of the zeroed square after normalization; 0 = off")
+
+    @field_validator("autoaugment")
+    @classmethod
+    def _known_policy(cls, name: Optional[str]) -> Optional[str]:
+        from micronet.augment import policy_names
+
+        if name is not None and name not in policy_names():
+            raise ValueError(f"unknown Fast AutoAugment policy; choose one of: {', '.join(policy_names())}")
+        return name
 
 
 class SynthConfig(Section):

@@ -61,7 +61,10 @@ def prepare(params_path: Path, stage: str, outputs: Iterable[Path], section: str
     n = params.distributed.nproc_per_node
     if "LOCAL_RANK" in os.environ:
         return params
-    ensure_dataset(params.data)
+    try:
+        ensure_dataset(params.data)
+    except MicronetError as exc:
+        raise MicronetError(f"{params_path}: key 'data.root' = {params.data.root!r}: {exc}") from None
     if single_process:
         return params
     gpus = torch.cuda.device_count()

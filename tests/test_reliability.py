@@ -167,6 +167,9 @@ MALFORMED_PARAMS = [  # pipeline, stage, edit of its params.yaml, what the messa
     ("demo", "train", sub("  batch_size: 64\n", "  batch_size: 64\n  std: [0, 0, 0]\n"), "'data.std.0' = 0"),
     ("demo", "train", sub("  epochs: 6\n", "  epochs: [6\n"), "line"),
     ("demo", "train", sub("arch: pyramidnet", "arch: pyramidnot"), "arch 'pyramidnot' is not registered"),
+    ("demo", "train", sub("autoaugment: fa_shake26_2x96d_cifar100", "autoaugment: nope"),
+     "'data.augment.autoaugment' = 'nope': unknown Fast AutoAugment policy; choose one of"),
+    ("demo", "train", sub("root: data/synth", "root: /nonexistent/synth"), "key 'data.root' = '/nonexistent/synth'"),
 ]
 
 
