@@ -211,7 +211,7 @@ def publish(
                 png = Path(tmp) / f"{curves[0].stem}.png"
                 plots.training_curves(curves[1], png)
                 track.log_artifact(png)
-            if steps and steps[1]:
+            if steps and any(r.get("val_accuracy") is not None for r in steps[1]):  # nothing to draw without val
                 png = Path(tmp) / f"{steps[0].stem}.png"
                 plots.compression_steps(steps[1], png, x=steps[2])
                 track.log_artifact(png)

@@ -21,12 +21,12 @@ from micronet.cli import app
 from micronet.training import KILL_AFTER_BATCHES_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-BATCHES_PER_EPOCH = 3  # 80 synthetic images - 32 validation = 48 = 3 batches of 16
+BATCHES_PER_EPOCH = 3  # 48 synthetic images, no validation split (so the last epoch is kept) = 3 batches of 16
 
 # A toy Wave pipeline that still draws from every random source: FAA + crop + flip + cutout on the main
 # process, ShakeDrop, mixup, EigenDamage with bring-back (its own generator), masked fine-tuning.
 TINY = {
-    "data": {"dataset": "cifar100", "root": "data", "val_size": 32, "batch_size": 16, "eval_batch_size": 64,
+    "data": {"dataset": "cifar100", "root": "data", "val_size": 0, "batch_size": 16, "eval_batch_size": 64,
              "workers": 0, "augment": {"autoaugment": "fa_shake26_2x96d_cifar100", "cutout": 8}},
     "model": {"arch": "pyramidnet", "args": {"depth": 11, "alpha": 8, "num_classes": 100, "shakedrop": 0.5}},
     "train": {"epochs": 3, "lr": 0.05, "grad_clip": 5.0, "seed": 0, "mixing": {"kind": "mixup"}},
@@ -53,13 +53,14 @@ def stage_args(stage: str, folder: Path, tag: str) -> list[str]:
     return args
 
 
-def run_in_process(args: list[str]) -> None:
+def run_in_process(args: list[str]) -> str:
     threads = torch.get_num_threads()
     try:
         result = CliRunner().invoke(app, args, catch_exceptions=False)
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
+    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def pipeline(tmp_path_factory):
     from micronet.data.cifar import write_synthetic_cifar100
 
     folder = tmp_path_factory.mktemp("pipeline")
-    write_synthetic_cifar100(folder / "data", 80, 16, seed=0)
+    write_synthetic_cifar100(folder / "data", 48, 16, seed=0)
     params = {**TINY, "data": {**TINY["data"], "root": str(folder / "data")}}
     (folder / "resumed.yaml").write_text(yaml.safe_dump(params))
     # the same work (a resume file's fingerprint leaves tracking out), untracked: MLflow costs seconds per stage
@@ -101,7 +102,9 @@ def test_stage_killed_mid_epoch_resumes_bit_identical(pipeline, stage, monkeypat
     output = pipeline / f"{stage}-resumed.pt"
     assert not output.exists() and list(pipeline.glob(f"{stage}-resumed*.resume.pt"))
 
-    run_in_process(args)
+    log = run_in_process(args)
+    print(log)
+    assert "resuming after epoch 1 from" in log  # the run went on from the killed one's epoch, not from scratch
     reference, resumed = tensors(safe_load(pipeline / f"{stage}-reference.pt")), tensors(safe_load(output))
     assert reference.keys() == resumed.keys()
     differing = [k for k in reference if not torch.equal(reference[k], resumed[k])]
