@@ -3,19 +3,23 @@ written atomically, read with `weights_only=True`, rebuilt without any pruning c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import tempfile
+import secrets
+import pickle
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from micronet.compression.factorized import apply_factorization_plan, factorization_plan
 from micronet.compression.quantize import apply_quantization_spec, quantization_spec
 from micronet.errors import MicronetError
-from micronet.nets import create_model
+from micronet.nets import create_model, validate_args
 
 FORMAT = "micronet-checkpoint/1"
 
@@ -29,20 +33,45 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+def disk_error(exc: OSError, path: Path | str) -> MicronetError:
+    """A full, read-only or forbidden disk as one line naming the file (the previous outputs stay in place)."""
+    why = DISK_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+    return MicronetError(f"{exc.filename or path}: cannot write ({why}); the previous outputs are left in place")
+
+
+def temporary_beside(path: Path) -> Path:
+    """A fresh name in the target's folder (same file system, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def write_temporary(path: Path, write: Any) -> Path:
+    """`write(file)` into a new temporary beside `path`, fsynced; returns its name. Created with open(), so it gets
+    the user's umask (mkstemp's would be 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_beside(path)
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_save(obj: Any, path: Path | str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.replace(write_temporary(path, lambda f: torch.save(obj, f)), path)
+    except OSError as exc:
+        raise disk_error(exc, path) from None
 
 
 def safe_load(path: Path | str) -> Any:
@@ -52,9 +81,32 @@ def safe_load(path: Path | str) -> Any:
         raise MicronetError(f"{path}: checkpoint not found (run the stage that writes it first, e.g. `dvc repro`)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message goes on to suggest weights_only=False: never for a stranger's file
+        raise MicronetError(f"{path}: refused: it pickles objects other than tensors and plain containers, and "
+                            f"loading them could run code; re-create it with the stage that writes it") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing problem
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MicronetError(f"{path}: not a readable micronet checkpoint ({first})") from None
+
+
+def load_resume(path: Path, fingerprint: str, fields: Iterable[str]) -> Optional[dict[str, Any]]:
+    """A resume file's state when it belongs to this work (same fingerprint), else None. A corrupt or foreign file
+    (unreadable, not a mapping with `fields`) is renamed aside with a one-line warning: the stage then starts from
+    the last good state instead of failing on it."""
+    if not path.is_file():
+        return None
+    try:
+        state = safe_load(path)
+        problem = None if isinstance(state, dict) and set(fields) <= set(state) else "not a micronet resume file"
+    except MicronetError as exc:
+        state, problem = None, str(exc).removeprefix(f"{path}: ")
+    if problem is None:
+        return state if state["fingerprint"] == fingerprint else None
+    aside = path.with_name(f"{path.name}.corrupt")
+    os.replace(path, aside)
+    print(f"warning: {path}: {problem}; moved it to {aside.name} and starting from the last good state",
+          file=sys.stderr)
+    return None
 
 
 # ---- channel plans: the shapes structured pruning left, enough to rebuild the module tree ----------------
@@ -125,16 +177,87 @@ def make_checkpoint(model: nn.Module, arch: str, args: dict, **extra: Any) -> di
     }
 
 
+# ---- the schema: a checkpoint is data, checked before anything is built ---------------------------------
+
+Size = Annotated[int, Field(ge=1)]
+Bits = Annotated[int, Field(ge=2, le=32)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class FactorizedLayer(Strict):
+    kind: Literal["conv", "linear"]
+    in_channels: Size
+    out_channels: Size
+    in_rank: Size
+    out_rank: Size
+    input_bias: bool
+    output_bias: bool
+
+
+class QuantizationSpec(Strict):
+    weight_bits: Bits
+    activation_bits: Bits
+    folded: list[tuple[str, str]]
+    weight_layers: list[str]
+    activation_layers: list[str]
+
+
+LayerShape = dict[Literal["in_channels", "out_channels", "groups", "in_features", "out_features", "num_features"],
+                  Size]
+
+
+class CheckpointFile(Strict):
+    """A micronet checkpoint (FORMAT): builder name and arguments, the plans that reshape the built network, the
+    quantization spec and the weights. Extra keys (stage, mlflow_run_id) are provenance."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    format: Literal["micronet-checkpoint/1"]
+    arch: str
+    args: dict[str, Any]
+    factorization: dict[str, FactorizedLayer] = Field(default_factory=dict)
+    channel_plan: dict[str, LayerShape]
+    quantization: Optional[QuantizationSpec] = None
+    state_dict: dict[str, torch.Tensor]
+
+
+def validate_checkpoint(ckpt: Any, path: Path | str) -> None:
+    """One line naming the file and the first bad field; the builder's own argument ranges included."""
+    if not isinstance(ckpt, dict):
+        raise MicronetError(f"{path}: not a {FORMAT} file (holds a {type(ckpt).__name__}, not a mapping)")
+    try:
+        CheckpointFile.model_validate(ckpt)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(map(str, error["loc"]))
+        if error["type"] == "missing":
+            raise MicronetError(f"{path}: field '{field}' is missing (not a complete {FORMAT} file; re-run the "
+                                f"stage that writes it)") from None
+        value = repr(error.get("input"))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        raise MicronetError(f"{path}: field '{field}' = {value}: {error['msg'].lower()}") from None
+    try:
+        validate_args(ckpt["arch"], ckpt["args"])
+    except MicronetError as exc:
+        raise MicronetError(f"{path}: field {exc}") from None
+
+
 def build_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> nn.Module:
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise MicronetError(f"{path}: not a {FORMAT} file")
-    model = create_model(ckpt["arch"], **ckpt["args"])
-    # Factorized layers first: the channel plan names the convs inside them.
-    if ckpt.get("factorization"):
-        apply_factorization_plan(model, ckpt["factorization"])
-    apply_channel_plan(model, ckpt["channel_plan"])
-    if ckpt.get("quantization"):
-        apply_quantization_spec(model, ckpt["quantization"])
+    validate_checkpoint(ckpt, path)
+    try:
+        model = create_model(ckpt["arch"], **ckpt["args"])
+        # Factorized layers first: the channel plan names the convs inside them.
+        if ckpt.get("factorization"):
+            apply_factorization_plan(model, ckpt["factorization"])
+        apply_channel_plan(model, ckpt["channel_plan"])
+        if ckpt.get("quantization"):
+            apply_quantization_spec(model, ckpt["quantization"])
+    except AttributeError as exc:  # get_submodule: the quantization spec names a layer the network lacks
+        raise MicronetError(f"{path}: field 'quantization' names a layer {ckpt['arch']} lacks ({exc})") from None
+    except (MicronetError, ValueError) as exc:
+        raise MicronetError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -62,6 +62,13 @@ def main() -> None:
     except MicronetError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # a full, read-only or forbidden disk met outside the output writers (logs, MLflow)
+        from micronet.checkpoint import DISK_ERRORS
+
+        if exc.errno not in DISK_ERRORS:
+            raise
+        typer.echo(f"error: {exc.filename or 'a file'}: cannot write ({DISK_ERRORS[exc.errno]})", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

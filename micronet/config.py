@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, ValidationError, field_validator, model_validator,
+)
 
 from micronet.errors import MicronetError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr: .inf would train to NaN
 
 
 class ResizedCropConfig(Section):
@@ -44,6 +45,15 @@ class AugmentConfig(Section):
     p_lighting: float = Field(1.0, ge=0, le=1, description="probability of the colour jitter (fastai: 0.75)")
     normalize: bool = True
     cutout: int = Field(0, ge=0, le=256, description="side of the zeroed square after normalization; 0 = off")
+
+    @field_validator("autoaugment")
+    @classmethod
+    def _known_policy(cls, name: Optional[str]) -> Optional[str]:
+        from micronet.augment import policy_names
+
+        if name is not None and name not in policy_names():
+            raise ValueError(f"unknown Fast AutoAugment policy; choose one of: {', '.join(policy_names())}")
+        return name
 
 
 class SynthConfig(Section):
@@ -80,7 +90,8 @@ class DataConfig(Section):
         "(KAIST: 4 FAA policies, UCI: 3 lists); an epoch is one pass over all copies. Empty: one copy, `augment`",
     )
     mean: Optional[tuple[float, float, float]] = Field(None, description="normalization; null = the dataset's")
-    std: Optional[tuple[float, float, float]] = Field(None, description="normalization; null = the dataset's")
+    std: Optional[tuple[PositiveFloat, PositiveFloat, PositiveFloat]] = Field(
+        None, description="normalization (each > 0: the inputs are divided by it); null = the dataset's")
     image_size: Optional[int] = Field(None, ge=8, description="training crop / evaluation size; null = dataset's")
     eval_resize: Optional[int] = Field(None, ge=8, description="imagenet: resize before the centre crop")
 
@@ -100,11 +111,11 @@ class ModelConfig(Section):
         from micronet import nets
 
         if self.arch not in nets.list_models():
-            raise ValueError(f"unknown arch {self.arch!r}; registered: {', '.join(nets.list_models())}")
-        params = inspect.signature(nets.builder(self.arch)).parameters
-        unknown = sorted(set(self.args) - set(params))
-        if unknown:
-            raise ValueError(f"{self.arch} takes no argument(s) {unknown}; it takes {sorted(params)}")
+            raise ValueError(f"arch {self.arch!r} is not registered; choose one of: {', '.join(nets.list_models())}")
+        try:
+            nets.validate_args(self.arch, self.args)  # names, types and ranges of the builder's signature
+        except MicronetError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -379,6 +390,22 @@ class Params(Section):
             raise MicronetError(f"neither `{section}.model` nor `model` names the architecture to train")
         return model
 
+    def explicit_sections(self) -> set[str]:
+        """Top-level sections written in the file (not defaults)."""
+        return set(self.model_fields_set) | set(self._sections)
+
+    def has(self, key: str) -> bool:
+        """Whether dotted `key` (`train`, `train.seed`) is written in the file rather than a default."""
+        head, *rest = key.split(".")
+        if head not in self.explicit_sections():
+            return False
+        node: Any = self._sections[head] if head in self._sections else getattr(self, head)
+        for part in rest:
+            if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+                return False
+            node = getattr(node, part)
+        return True
+
     def as_dict(self) -> dict[str, Any]:
         """Every section, the extra training sections included (what the tracker logs)."""
         return {**self.model_dump(by_alias=True), **{k: v.model_dump() for k, v in self._sections.items()}}
@@ -397,15 +424,38 @@ def _describe(error: dict, prefix: str = "") -> str:
     return f"key '{key}' = {error.get('input')!r}: {message}"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last; DVC refuses)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                message = f"key {key!r} given twice (lines {seen[key]} and {line}); keep one"
+                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error or a duplicate key is one MicronetError line with its line number."""
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MicronetError(f"{path}:{where}: not valid YAML ({problem})") from None
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate a params file; every problem becomes one MicronetError line naming file and key."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"{path}: params file not found (run from the pipeline folder or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MicronetError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise MicronetError(f"{path}: expected a mapping of sections at top level")
     extra = {k: raw.pop(k) for k in list(raw) if isinstance(k, str) and TRAINING_SECTION.fullmatch(k)}

@@ -5,34 +5,66 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
-from micronet.checkpoint import atomic_save, file_digest
+from micronet.checkpoint import atomic_save, disk_error, file_digest, write_temporary
 from micronet.config import OptimConfig, Params, PruneConfig, SparsifyConfig, load_params
 from micronet.data import Splits, build_splits, ensure_dataset
 from micronet.errors import MicronetError
+from micronet.training import seed_everything  # noqa: F401 - the stages seed through the runner
 
 
-def prepare(params_path: Path, single_process: bool = False) -> Params:
-    """Validate params and make sure the data set is there (download once, write a synthetic one, or fail in one
-    line). If distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very command under
+# The params each stage command reads, as its dvc.yaml stage lists them (tests/test_reliability.py checks every
+# pipeline): they must be in the params file, so a deleted section fails instead of running on built-in defaults.
+STAGE_PARAMS = {
+    "train": ["data", "model", "{section}", "distributed"],  # "model": unless {section}.model names the network
+    "prune": ["data", "prune", "train.seed", "distributed"],
+    "sparsify": ["data", "sparsify", "train.seed", "distributed"],
+    "quantize": ["data", "quantize", "train.seed", "distributed.device"],
+    "score": ["data", "score", "distributed.device"],
+}
+
+
+def stage_params(params: Params, stage: str, section: str = "train") -> list[str]:
+    keys = [key.format(section=section) for key in STAGE_PARAMS[stage]]
+    if stage == "train" and section in params.explicit_sections() and params.training(section).model is not None:
+        keys.remove("model")
+    return keys
+
+
+def require_params(params: Params, params_path: Path, stage: str, section: str = "train") -> None:
+    """Every section the stage reads is written in the params file: none falls back to a built-in default."""
+    for key in stage_params(params, stage, section):
+        if not params.has(key):
+            raise MicronetError(f"{params_path}: key '{key}' is missing; `micronet {stage}` reads it and uses no "
+                                f"built-in default: add it (pipelines/demo/params.yaml shows every section)")
+
+
+def prepare(params_path: Path, stage: str, outputs: Iterable[Path], section: str = "train",
+            single_process: bool = False) -> Params:
+    """Validate params (and that the `stage` finds every section it reads), check that every output can be
+    written, and make sure the data set is there (download once, write a synthetic one, or fail in one line).
+    If distributed.nproc_per_node > 1 and we are not under torchrun yet, re-run this very command under
     `torchrun --nproc-per-node N` and exit with its status (not for `single_process` stages such as score)."""
     params = load_params(params_path)
+    require_params(params, params_path, stage, section)
+    check_writable(outputs)
     n = params.distributed.nproc_per_node
     if "LOCAL_RANK" in os.environ:
         return params
-    ensure_dataset(params.data)
+    try:
+        ensure_dataset(params.data)
+    except MicronetError as exc:
+        raise MicronetError(f"{params_path}: key 'data.root' = {params.data.root!r}: {exc}") from None
     if single_process:
         return params
     gpus = torch.cuda.device_count()
@@ -46,12 +78,6 @@ def prepare(params_path: Path, single_process: bool = False) -> Params:
                "-m", "micronet.cli", *sys.argv[1:]]
         raise SystemExit(subprocess.call(cmd))
     return params
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -108,44 +134,68 @@ def significant(value: Any, digits: int = 6) -> Any:
     return value
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+def csv_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     rows = list(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields or ["epoch"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=fields or ["epoch"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def _writer(path: Path, data: Any) -> Callable[[Any], Any]:
+    """torch.save for checkpoints (.pt), CSV for lists of rows (DVC plots), text as is, JSON for dicts (metrics)."""
+    if isinstance(data, bytes):
+        return lambda f: f.write(data)
+    if path.suffix == ".pt":
+        return lambda f: torch.save(data, f)
+    if isinstance(data, list):
+        return lambda f: f.write(csv_bytes(data))
+    if isinstance(data, str):
+        return lambda f: f.write(data.encode())
+    return lambda f: f.write((json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_writable(paths: Iterable[Path]) -> None:
+    """Before any work: every output's folder takes a new file (a read-only folder or disk fails here, in one
+    line, not after hours of training)."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_temporary(path, lambda f: None).unlink()
+        except OSError as exc:
+            raise disk_error(exc, path) from None
 
 
 def write_outputs(files: dict[Path, Any]) -> None:
-    """JSON for dicts (DVC metrics), CSV for lists of rows (DVC plots)."""
-    for path, data in files.items():
-        if isinstance(data, list):
-            write_csv(path, data)
-        else:
-            write_json(path, data)
+    """All of a stage's outputs as one unit: each written to a temporary beside it, and only when all are
+    written, renamed over the old ones. A failure (full disk, read-only folder) leaves every previous output."""
+    written: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            written[path] = write_temporary(path, _writer(path, data))
+        for path, tmp in written.items():
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise disk_error(exc, path) from None
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
 
 
 def publish(
     track: Any, files: dict[Path, Any], metrics: dict[str, Any], parent: bool = False,
     curves: Optional[tuple[Path, list[dict[str, Any]]]] = None,
     steps: Optional[tuple[Path, list[dict[str, Any]], str]] = None,
+    checkpoint: Optional[tuple[Path, dict[str, Any]]] = None,
 ) -> None:
-    """A stage's results: files for DVC, the same files as MLflow artifacts, headline numbers as MLflow metrics,
-    and pictures of the curves (per-epoch `curves`, per-step `steps`) as PNG artifacts beside the CSVs."""
-    write_outputs(files)
+    """A stage's results: files for DVC (with the `checkpoint`, written as one unit), the same files (not the
+    checkpoint) as MLflow artifacts, headline numbers as MLflow metrics, and pictures of the curves (per-epoch
+    `curves`, per-step `steps`) as PNG artifacts beside the CSVs."""
+    write_outputs({**dict([checkpoint] if checkpoint else []), **files})
     # yes/no results (qualifies) are tags, set by the stage: as a metric they would plot as a 0/1 curve
     track.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not isinstance(v, (str, bool))},
                       parent=parent)
@@ -161,7 +211,7 @@ def publish(
                 png = Path(tmp) / f"{curves[0].stem}.png"
                 plots.training_curves(curves[1], png)
                 track.log_artifact(png)
-            if steps and steps[1]:
+            if steps and any(r.get("val_accuracy") is not None for r in steps[1]):  # nothing to draw without val
                 png = Path(tmp) / f"{steps[0].stem}.png"
                 plots.compression_steps(steps[1], png, x=steps[2])
                 track.log_artifact(png)
@@ -169,11 +219,7 @@ def publish(
 
 def skip_stage(source: Path, target: Path, files: dict[Path, Any]) -> None:
     """A switched-off stage hands its input on unchanged and still writes the outputs DVC expects."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-    write_outputs(files)
+    write_outputs({target: source.read_bytes(), **files})
 
 
 def resume_file(output: Path, tag: str = "") -> Path:
@@ -190,12 +236,9 @@ class StepProgress:
         self.path, self.key = path, key
 
     def load(self) -> dict[str, Any] | None:
-        from micronet.checkpoint import safe_load
+        from micronet.checkpoint import load_resume
 
-        if not self.path.is_file():
-            return None
-        state = safe_load(self.path)
-        return state if state.get("fingerprint") == self.key else None
+        return load_resume(self.path, self.key, ("fingerprint", "step", "checkpoint", "rows", "extra"))
 
     def save(self, step: int, checkpoint: dict[str, Any], rows: list[dict[str, Any]], extra: Any = None) -> None:
         atomic_save({"fingerprint": self.key, "step": step, "checkpoint": checkpoint, "rows": rows, "extra": extra},
@@ -245,8 +288,9 @@ def compress_in_steps(
     state: Optional[StepState] = None,
 ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """The loop prune and sparsify share: per step, `compress` the model towards that step's rate (it may
-    return sparsity masks), fine-tune with the one training loop, `measure` the result; then write the final
-    checkpoint to `output`. Resumes after the last finished step, and within a step after the last epoch.
+    return sparsity masks), fine-tune with the one training loop, `measure` the result. The stage writes the final
+    checkpoint with its other outputs, then calls `clear_steps`. Resumes after the last finished step, and within
+    a step after the last epoch.
 
     `plan` defaults to the section's step rates, each fine-tuned with section.finetune. `stop(row)` ends the
     stage after a step; `accept(row)` False undoes the step (the model goes back to the previous one) and ends it.
@@ -254,7 +298,7 @@ def compress_in_steps(
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
     from micronet.compression.sparsity import step_rates
     from micronet.data import num_classes
-    from micronet.training import clear_resume, fit
+    from micronet.training import clear_resume, derived_seed, fit
 
     key = fingerprint(input, params.data.model_dump(), section.model_dump(), params.train.seed)
     if plan is None:
@@ -278,6 +322,7 @@ def compress_in_steps(
     for step, spec in enumerate(plan):
         if step < first_step:
             continue
+        seed_everything(derived_seed(params.train.seed, step))  # a resumed step draws as an uninterrupted one
         masks = compress(model, step, spec.target)
         model.to(runtime.device)
         resume = resume_file(output, f".step{step}")
@@ -310,7 +355,9 @@ def compress_in_steps(
             clear_resume(resume, runtime)
         if ended:
             break
-    if runtime.is_main:
-        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage=stage), output)
-        progress.clear()
     return model, rows
+
+
+def clear_steps(output: Path) -> None:
+    """After the stage has written its outputs (the final checkpoint among them): no step progress to keep."""
+    resume_file(output, ".steps").unlink(missing_ok=True)

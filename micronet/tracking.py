@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ QUALIFIES_TAG = "qualifies"
 TEACHER_RUN_TAG = "micronet.teacher_run_id"
 MODEL_NAME_TAG = "micronet.registered_model"  # on a parent run: the registered model its score stage added to
 MODEL_VERSION_TAG = "micronet.registered_model_version"  # ... and the version it made
+PROCESS_TAG = "micronet.process"  # host:pid of the process that runs a stage, to tell a killed run from a live one
+RESUMED_FROM_TAG = "micronet.resumed_from"
 
 
 def tracking_uri() -> str:
@@ -148,6 +151,42 @@ def ensure_experiment(client, name: str) -> str:
     return experiment_id
 
 
+def _process_alive(process: str) -> bool:
+    """Whether a `host:pid` tag names a live process (one on another host counts as alive: we cannot tell)."""
+    host, _, pid = process.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_over_killed_runs(client, experiment_id: str, parent_id: str, stage: str, run_id: str) -> list[str]:
+    """A stage killed mid-run (kill -9, power loss) left its child run RUNNING: end it as KILLED and copy its
+    curves into the new run `run_id`, which resumes the work, so the charts show every epoch in one run; the new
+    run names the killed one in a tag. Returns the ids taken over."""
+    from mlflow.entities import Metric, RunTag
+
+    running = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}' "
+                                       "and attributes.status = 'RUNNING'", order_by=["start_time ASC"])
+    killed = [r for r in running if r.info.run_id != run_id and not _process_alive(r.data.tags.get(PROCESS_TAG, ""))]
+    for run in killed:
+        for key in run.data.metrics:
+            points = client.get_metric_history(run.info.run_id, key)
+            history = [Metric(m.key, m.value, m.timestamp, m.step) for m in points]
+            for i in range(0, len(history), 1000):
+                client.log_batch(run_id, metrics=history[i : i + 1000])
+        client.set_terminated(run.info.run_id, "KILLED")
+    if killed:
+        client.log_batch(run_id, tags=[RunTag(RESUMED_FROM_TAG, ",".join(r.info.run_id for r in killed))])
+    return [r.info.run_id for r in killed]
+
+
 @contextmanager
 def stage_run(stage: str, params: Any, params_path: Path, enabled: bool = True) -> Iterator[StageTracker]:
     """A child run for `stage` under the pipeline's parent run (created on first use). `params` is the validated
@@ -175,8 +214,10 @@ def stage_run(stage: str, params: Any, params_path: Path, enabled: bool = True) 
         parent = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v}, run_name=key)
         parent_id = parent.info.run_id
         StageTracker(client, parent_id).log_params(params.as_dict())
-    child_tags = {MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, MLFLOW_GIT_COMMIT: commit}
+    child_tags = {MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, MLFLOW_GIT_COMMIT: commit,
+                  PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
     child = client.create_run(experiment_id, tags={k: v for k, v in child_tags.items() if v}, run_name=stage)
+    take_over_killed_runs(client, experiment_id, parent_id, stage, child.info.run_id)
     tracker = StageTracker(client, child.info.run_id, parent_id)
     status = "FAILED"
     try:

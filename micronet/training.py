@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -22,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from micronet.checkpoint import atomic_save, safe_load
+from micronet.checkpoint import atomic_save, load_resume
 from micronet import recipe
 from micronet.config import DistributedConfig, OptimConfig
 from micronet.errors import MicronetError
@@ -104,8 +107,54 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """One 63-bit seed from (seed, epoch[, step]): neighbouring tuples give unrelated streams."""
+    high, low = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(high) << 31) ^ int(low)
+
+
+def start_epoch_randomness(loader: Any, seed: int, epoch: int) -> None:
+    """Make epoch `epoch` a function of (seed, epoch) alone, so a resumed run replays exactly what an uninterrupted
+    one does: the global generators (augmentation on the main process, ShakeDrop, mixup, SRIP), the shuffle and the
+    seeds of this epoch's DataLoader workers (drawn from the loader's generator) or the GPU loader's draws."""
+    epoch_seed = derived_seed(seed, epoch)
+    seed_everything(epoch_seed)
+    if hasattr(loader, "set_epoch"):  # the GPU-resident loader derives its draws from (seed, epoch, rank)
+        loader.set_epoch(epoch)
+        return
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+
+
+KILL_AFTER_BATCHES_ENV = "MICRONET_TEST_SIGKILL_AFTER_BATCHES"
+_batches_done = 0
+
+
+def _test_kill_switch() -> None:
+    """Test-only fault injection (tests/test_reliability.py): with MICRONET_TEST_SIGKILL_AFTER_BATCHES=N set, the
+    process SIGKILLs itself after its N-th training batch (counted over every `fit` of the process), as `kill -9`
+    would, so the tests can resume from a real mid-epoch crash. Unset, it costs one dictionary lookup."""
+    global _batches_done
+    limit = os.environ.get(KILL_AFTER_BATCHES_ENV)
+    if limit is None:
+        return
+    _batches_done += 1
+    if _batches_done >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def make_loader(dataset: Dataset, batch_size: int, runtime: Runtime, *, train: bool, workers: int, seed: int = 0):
-    """`batch_size` is global: each of the world_size processes loads its share."""
+    """`batch_size` is global: each of the world_size processes loads its share. Training workers start afresh
+    every epoch (not persistent), seeded from the loader's generator, which `start_epoch_randomness` sets."""
     per_rank = max(1, batch_size // runtime.world_size)
     if train:
         sampler = (
@@ -116,7 +165,7 @@ def make_loader(dataset: Dataset, batch_size: int, runtime: Runtime, *, train: b
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
             dataset, per_rank, shuffle=sampler is None, sampler=sampler, num_workers=workers, drop_last=True,
-            pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0, generator=generator,
+            pin_memory=runtime.device.type == "cuda", generator=generator,
         )
     sampler = ShardSampler(len(dataset), runtime.rank, runtime.world_size)
     return DataLoader(dataset, per_rank, sampler=sampler, num_workers=workers, pin_memory=runtime.device.type == "cuda",
@@ -250,18 +299,17 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     start_epoch = 0
 
-    if resume_path is not None and resume_path.is_file():
-        state = safe_load(resume_path)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            start_epoch = state["epoch"] + 1
-            optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
-            best_state = state["best_model"]
-            if runtime.is_main:
-                tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
+    fields = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "best_epoch", "best_model")
+    if resume_path is not None and (state := load_resume(resume_path, fingerprint, fields)) is not None:
+        model.load_state_dict(state["model"])
+        start_epoch = state["epoch"] + 1
+        optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
+        best_state = state["best_model"]
+        if runtime.is_main:
+            tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
 
     train_model: nn.Module = model
     if runtime.distributed:
@@ -275,10 +323,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         if epoch in round_starts and epoch > 0:  # SGDR: a fresh optimizer and schedule for every round
             optimizer, scheduler = recipe.start_round(model, cfg, steps, epoch)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        elif isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        start_epoch_randomness(train_loader, seed, epoch)
         criterion.start_epoch(model)
         train_model.train()
         started = time.perf_counter()
@@ -315,6 +360,7 @@ def fit(
                 totals[1] += (logits.argmax(1) == labels).sum()
                 seen += labels.numel()
             bar.update(1)
+            _test_kill_switch()
             if not bar.disable and step % 50 == 0:  # reading the loss waits for the GPU: not every batch
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()

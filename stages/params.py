@@ -26,10 +26,10 @@ def apply_command(
     """Write OVERLAY's values into the params file (comments kept), e.g. a pipeline's toy scale."""
     import io
     import os
-    import tempfile
 
     from ruamel.yaml import YAML
 
+    from micronet.checkpoint import write_temporary
     from micronet.config import load_params
     from micronet.errors import MicronetError
 
@@ -45,13 +45,11 @@ def apply_command(
     merge(base, changes)
     text = io.StringIO()
     yaml.dump(base, text)
-    fd, tmp = tempfile.mkstemp(dir=params_path.parent, prefix=f".{params_path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text.getvalue())
+    tmp = write_temporary(params_path, lambda f: f.write(text.getvalue().encode()))  # the user's umask, not 0600
     try:
         load_params(tmp)  # a bad overlay fails here, naming the key, and params.yaml stays as it was
     except MicronetError as exc:
-        Path(tmp).unlink()
+        tmp.unlink()
         raise MicronetError(f"{overlay} applied to {params_path}: {str(exc).split(': ', 1)[-1]}") from None
     os.replace(tmp, params_path)
     typer.echo(f"applied {overlay} to {params_path} ({', '.join(changes)})")

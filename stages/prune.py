@@ -36,12 +36,12 @@ def prune_command(
     import torch.nn as nn
 
     from micronet import runner
-    from micronet.checkpoint import load_model
+    from micronet.checkpoint import load_model, make_checkpoint
     from micronet.compression import count_parameters
     from micronet.tracking import stage_run
     from micronet.training import setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "prune", [output, metrics, plots])
     cfg = params.prune
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}, plots: []})
@@ -77,7 +77,9 @@ def prune_command(
             final = next((r for r in reversed(rows) if not r.get("undone")), unpruned)
             summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
                        "val_accuracy": final["val_accuracy"], "steps": len(rows)}
-            runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"))
+            runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"),
+                           checkpoint=(output, make_checkpoint(model, source["arch"], source["args"], stage="prune")))
+            runner.clear_steps(output)
             accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
             reached = "" if final["rate"] >= cfg.rate else f" (target {cfg.rate} not reached)"
             typer.echo(f"prune ({cfg.method}): {params_before:,} -> {final['parameters']:,} parameters (rate "

@@ -20,14 +20,15 @@ def quantize_command(
     import math
 
     from micronet import runner
-    from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.checkpoint import load_model, make_checkpoint
     from micronet.compression.quantize import QuantizationAware, fidelity, predictions, quantize_model, sparsity_masks
     from micronet.data import build_splits, num_classes
     from micronet.scoring import foldable_batchnorms
     from micronet.tracking import stage_run
     from micronet.training import Runtime, clear_resume, fit, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, single_process=True)  # calibration and fine-tuning: one process
+    # calibration and fine-tuning: one process
+    params = runner.prepare(params_path, "quantize", [output, metrics], single_process=True)
     cfg = params.quantize
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}})
@@ -84,13 +85,14 @@ def quantize_command(
                 on_epoch=lambda r: track.log_metrics({f"finetune_{k}": v for k, v in r.items() if k != "epoch"},
                                                      r["epoch"]))
             model = qat.finish()
-            clear_resume(resume, runtime)
             ptq = {f"{k}_ptq": summary[k] for k in ("val_accuracy", "agreement", "logit_relative_error")}
             quantized = predictions(model, loader, runtime.device)[0]
             summary.update(ptq, val_accuracy=top1(quantized) if validating else None, **fidelity(reference, quantized))
-        atomic_save(make_checkpoint(model, source["arch"], source["args"], stage="quantize",
-                                    mlflow_run_id=track.run_id), output)
-        runner.publish(track, {metrics: summary}, summary)
+        checkpoint = make_checkpoint(model, source["arch"], source["args"], stage="quantize",
+                                     mlflow_run_id=track.run_id)
+        runner.publish(track, {metrics: summary}, summary, checkpoint=(output, checkpoint))
+        if cfg.finetune is not None:
+            clear_resume(runner.resume_file(output), runtime)  # only once every output is in place
         change = "" if not validating else (f", val accuracy {summary['val_accuracy_before']:.4f} -> "
                                             f"{summary['val_accuracy']:.4f}")
         tuned = f", fine-tuned {cfg.finetune.epochs} epochs quantization-aware" if cfg.finetune is not None else ""

@@ -30,7 +30,7 @@ def score_command(
     from micronet.tracking import MODEL_NAME_TAG, MODEL_VERSION_TAG, QUALIFIES_TAG, stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
-    params = runner.prepare(params_path, single_process=True)
+    params = runner.prepare(params_path, "score", [metrics, table], single_process=True)
     cfg = params.score
     runtime = Runtime(setup_runtime(params.distributed.model_copy(update={"nproc_per_node": 1})).device)
     model, source = load_model(input)
@@ -54,13 +54,10 @@ def score_command(
         "mults": counted.mults,
         "adds": counted.adds,
     }
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(counted.table(tasks=[cfg.task]) + "\n")
     with stage_run("score", params, params_path) as track:
-        track.log_artifact(table)
         track.set_tags({QUALIFIES_TAG: str(qualifies).lower(), "precision": "quantized" if counted.quantized else (
             "freebie" if counted.freebie else "32-bit"), "task": cfg.task}, parent=True)
-        runner.publish(track, {metrics: summary},
+        runner.publish(track, {metrics: summary, table: counted.table(tasks=[cfg.task]) + "\n"},
                        {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score")}, parent=True)
         if track.active:
             version = register(track, input, model, test, params.tracking.model_name,

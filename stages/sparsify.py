@@ -21,14 +21,14 @@ def sparsify_command(
     import torch.nn as nn
 
     from micronet import runner
-    from micronet.checkpoint import load_model
+    from micronet.checkpoint import load_model, make_checkpoint
     from micronet.compression.sparsity import (
         apply_masks, global_magnitude_masks, overall_sparsity, prunable_weights, sparsity_report,
     )
     from micronet.tracking import stage_run
     from micronet.training import setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "sparsify", [output, metrics, plots, layers])
     cfg = params.sparsify
     if not cfg.enabled:
         runner.skip_stage(input, output, {metrics: {}, layers: {}, plots: []})
@@ -63,7 +63,10 @@ def sparsify_command(
             summary = {"sparsity": final["sparsity"], "sparsity_all_layers": overall_sparsity(report),
                        "val_accuracy": final["val_accuracy"]}
             runner.publish(track, {metrics: summary, layers: report, plots: rows}, summary,
-                           steps=(plots, rows, "sparsity"))
+                           steps=(plots, rows, "sparsity"),
+                           checkpoint=(output, make_checkpoint(model, source["arch"], source["args"],
+                                                               stage="sparsify")))
+            runner.clear_steps(output)
             accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
             typer.echo(f"sparsify: {final['sparsity']:.2%} of the eligible weights zero in {len(rows)} steps, "
                        f"val accuracy {accuracy} -> {output}")

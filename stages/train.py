@@ -21,7 +21,7 @@ def train_command(
     plots: Path = typer.Option(Path("metrics/plots/train.csv"), "--plots", help="per-epoch curves"),
 ) -> None:
     from micronet import runner
-    from micronet.checkpoint import atomic_save, load_model, make_checkpoint
+    from micronet.checkpoint import load_model, make_checkpoint
     from micronet.compression import count_parameters
     from micronet.compression.dnw import apply_dnw, bake_dnw, density_report
     from micronet.data import num_classes
@@ -29,7 +29,8 @@ def train_command(
     from micronet.tracking import TEACHER_RUN_TAG, stage_run
     from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
 
-    params = runner.prepare(params_path)
+    params = runner.prepare(params_path, "train", [output, metrics, plots, runner.sibling(metrics, "_layers")],
+                            section)
     cfg = params.training(section)
     if not cfg.enabled:
         runner.skip_stage(Path(cfg.checkpoint), output, {metrics: {}, plots: []})
@@ -62,7 +63,6 @@ def train_command(
             n_params = count_parameters(model)
             checkpoint = make_checkpoint(model, model_cfg.arch, model_cfg.args, stage=section,
                                          mlflow_run_id=track.run_id)
-            atomic_save(checkpoint, output)
             summary = {"val_accuracy": result.best_val_top1, "best_epoch": result.best_epoch,
                        "parameters": n_params}
             files: dict = {metrics: summary, plots: result.history}
@@ -71,7 +71,7 @@ def train_command(
                 sparse = [density[name] for name in sparse_layers]
                 summary["density"] = sum(r["nonzero"] for r in sparse) / sum(r["numel"] for r in sparse)
                 files[runner.sibling(metrics, "_layers")] = density
-            runner.publish(track, files, summary, curves=(plots, result.history))
+            runner.publish(track, files, summary, curves=(plots, result.history), checkpoint=(output, checkpoint))
             clear_resume(resume, runtime)
             accuracy = "n/a (no validation split)" if result.best_val_top1 is None else f"{result.best_val_top1:.4f}"
             processes = f"{runtime.world_size} processes" if runtime.distributed else "1 process"

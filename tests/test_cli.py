@@ -66,7 +66,7 @@ def test_count_prints_a_table_for_a_registered_arch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "params" in proc.stdout and "flops" in proc.stdout and "layer3.0.conv2" in proc.stdout
     bad = micronet("count", "--arch", "nonet", cwd=tmp_path)
-    assert "unknown architecture 'nonet'" in one_line_error(bad)
+    assert "'arch' = 'nonet': unknown architecture" in one_line_error(bad)
 
 
 def test_more_processes_than_gpus_is_a_one_line_error(tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_more_processes_than_gpus_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(MicronetError) as err:
-        runner.prepare(path)
+        runner.prepare(path, "train", [])
     message = str(err.value)
     assert "distributed.nproc_per_node' = 4" in message and "1 GPU(s) are visible" in message
     assert "set it to at most 1" in message and "\n" not in message

@@ -124,7 +124,7 @@ def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
     from micronet.compression.sparsity import apply_masks, global_magnitude_masks, prunable_weights
     from micronet.config import Params, SparsifyConfig
     from micronet.nets import create_model
-    from micronet.runner import compress_in_steps
+    from micronet.runner import clear_steps, compress_in_steps
     from micronet.tracking import StageTracker
 
     params = Params.model_validate(yaml.safe_load((REPO / "pipelines/demo/params.yaml").read_text()))
@@ -161,8 +161,9 @@ def test_multi_step_stage_resumes_after_the_last_finished_step(tmp_path):
     assert calls == [1] and [r["step"] for r in rows] == [1, 2]
     weights = torch.cat([w.detach().flatten() for w in prunable_weights(model).values()])
     assert (weights == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert (tmp_path / "sparsify.steps.resume.pt").is_file()  # kept until the stage has written all its outputs
+    clear_steps(tmp_path / "sparsify.pt")
     assert not (tmp_path / "sparsify.steps.resume.pt").exists()
-    assert (tmp_path / "sparsify.pt").is_file()  # the final checkpoint is written before the progress goes
 
 
 def test_gpu_resident_loader_trains_through_the_one_loop(tmp_path, monkeypatch):

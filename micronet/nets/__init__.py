@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+import typing
+from typing import Annotated, Any, Callable
 
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model as pydantic_model
 
 from micronet.errors import MicronetError
+
+# Ranges of builder arguments, in the builders' signatures: `model.args` and a checkpoint's args are checked
+# against them before anything is built.
+NumClasses = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=1)]
+Positive = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -24,10 +34,36 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def args_schema(name: str) -> type[BaseModel]:
+    """A builder's keyword arguments as a pydantic model: names, types, defaults and ranges from its signature."""
+    fn = _REGISTRY[name]
+    hints = typing.get_type_hints(fn, include_extras=True)
+    fields = {n: (hints.get(n, Any), p.default) for n, p in inspect.signature(fn).parameters.items()}
+    return pydantic_model(f"{name}_args", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
+
+
+def validate_args(name: str, args: dict[str, Any], prefix: str = "args") -> dict[str, Any]:
+    """`args` checked against builder `name` (unknown names, types, ranges); one line naming the first bad key."""
     if name not in _REGISTRY:
-        raise MicronetError(f"unknown architecture {name!r}; registered: {', '.join(list_models())}")
-    return _REGISTRY[name](**kwargs)
+        raise MicronetError(f"'arch' = {name!r}: unknown architecture; registered: {', '.join(list_models())}")
+    schema = args_schema(name)
+    try:
+        return schema.model_validate(args).model_dump(include=set(args))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join([prefix, *map(str, error["loc"])])
+        if error["type"] == "extra_forbidden":
+            raise MicronetError(f"'{key}': {name} takes no argument {error['loc'][-1]!r}; it takes "
+                                f"{', '.join(schema.model_fields)}") from None
+        raise MicronetError(f"'{key}' = {error.get('input')!r}: {error['msg'].lower()}") from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    validate_args(name, kwargs)
+    try:
+        return _REGISTRY[name](**kwargs)
+    except ValueError as exc:  # a constraint across arguments, checked by the network itself
+        raise MicronetError(f"{name}: {exc}") from None
 
 
 def fan_out_normal_(conv: nn.Conv2d) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from micronet.nets import fan_out_normal_, register_model
+from micronet.nets import NumClasses, Positive, Probability, fan_out_normal_, register_model
 
 # Stages of EfficientNet-B0 for 32x32: (expand ratio, channels, repeats, first stride, kernel)
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -164,32 +164,41 @@ class EfficientNetCifar(nn.Module):
 
 
 @register_model
-def efficientnet_b3_cifar(num_classes: int = 100, drop_connect: float = 0.2, dropout: float = 0.0) -> EfficientNetCifar:
+def efficientnet_b3_cifar(
+    num_classes: NumClasses = 100, drop_connect: Probability = 0.2, dropout: Probability = 0.0
+) -> EfficientNetCifar:
     """Width 1.2, depth 1.4: the first teacher of the chain."""
     return EfficientNetCifar(1.2, 1.4, num_classes, drop_connect, dropout)
 
 
 @register_model
-def efficientnet_b0_cifar(num_classes: int = 100, drop_connect: float = 0.2, dropout: float = 0.0) -> EfficientNetCifar:
+def efficientnet_b0_cifar(
+    num_classes: NumClasses = 100, drop_connect: Probability = 0.2, dropout: Probability = 0.0
+) -> EfficientNetCifar:
     """Width 1.0, depth 1.0: the teacher of ex and exx."""
     return EfficientNetCifar(1.0, 1.0, num_classes, drop_connect, dropout)
 
 
 @register_model
-def efficientnet_ex(num_classes: int = 100, drop_connect: float = 0.0, dropout: float = 0.0) -> EfficientNetCifar:
+def efficientnet_ex(
+    num_classes: NumClasses = 100, drop_connect: Probability = 0.0, dropout: Probability = 0.0
+) -> EfficientNetCifar:
     """Width 0.8, depth 0.8 (B0's repeats): the submitted model, 2,793,064 parameters."""
     return EfficientNetCifar(0.8, 0.8, num_classes, drop_connect, dropout)
 
 
 @register_model
-def efficientnet_exx(num_classes: int = 100, drop_connect: float = 0.0, dropout: float = 0.0) -> EfficientNetCifar:
+def efficientnet_exx(
+    num_classes: NumClasses = 100, drop_connect: Probability = 0.0, dropout: Probability = 0.0
+) -> EfficientNetCifar:
     """Width 0.8, depth 0.7 (one 152-channel block fewer): 2,418,650 parameters."""
     return EfficientNetCifar(0.8, 0.7, num_classes, drop_connect, dropout)
 
 
 @register_model
 def efficientnet_cifar(
-    num_classes: int = 100, width: float = 1.0, depth: float = 1.0, drop_connect: float = 0.0, dropout: float = 0.0
+    num_classes: NumClasses = 100, width: Positive = 1.0, depth: Positive = 1.0, drop_connect: Probability = 0.0,
+    dropout: Probability = 0.0,
 ) -> EfficientNetCifar:
     """Any width/depth of the 32x32 family (thin ones for toy runs of the teacher chain)."""
     return EfficientNetCifar(width, depth, num_classes, drop_connect, dropout)

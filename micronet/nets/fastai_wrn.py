@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from micronet.nets import register_model
+from micronet.nets import Count, NumClasses, Probability, register_model
 
 
 def _conv(ni: int, nf: int, kernel_size: int, stride: int) -> nn.Conv2d:
@@ -72,12 +72,13 @@ class WideResNet(nn.Module):
 
 
 @register_model
-def fastai_wrn22_6(num_classes: int = 100) -> WideResNet:
+def fastai_wrn22_6(num_classes: NumClasses = 100) -> WideResNet:
     """WRN-22-6 as fastai builds it (num_groups 3, N 3, k 6, no dropout): the fastai submission's network."""
     return WideResNet(num_groups=3, N=3, num_classes=num_classes, k=6, drop_p=0.0)
 
 
 @register_model
-def fastai_wrn(num_classes: int = 100, num_groups: int = 3, n: int = 3, k: int = 6, drop_p: float = 0.0) -> WideResNet:
+def fastai_wrn(num_classes: NumClasses = 100, num_groups: Count = 3, n: Count = 3, k: Count = 6,
+               drop_p: Probability = 0.0) -> WideResNet:
     """fastai v1's WideResNet of any size (`n` blocks per group, width factor `k`), e.g. thin ones for toy runs."""
     return WideResNet(num_groups=num_groups, N=n, num_classes=num_classes, k=k, drop_p=drop_p)

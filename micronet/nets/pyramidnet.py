@@ -4,11 +4,14 @@ shortcuts, 2x2 average-pool downsampling on the shortcut, no bias in any conv.""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from micronet.nets import register_model
+from micronet.nets import NumClasses, Probability, register_model
 
 
 class _ShakeDropFn(torch.autograd.Function):
@@ -130,12 +133,13 @@ class PyramidNet(nn.Module):
 
 
 @register_model
-def pyramidnet(depth: int = 272, alpha: float = 200, num_classes: int = 100, shakedrop: float = 0.5) -> PyramidNet:
+def pyramidnet(depth: Annotated[int, Field(ge=11)] = 272, alpha: Annotated[float, Field(ge=0)] = 200,
+               num_classes: NumClasses = 100, shakedrop: Probability = 0.5) -> PyramidNet:
     """Bottleneck PyramidNet of any depth 9n+2 and widening alpha."""
     return PyramidNet(depth=depth, alpha=alpha, num_classes=num_classes, shakedrop=shakedrop)
 
 
 @register_model
-def pyramidnet272(num_classes: int = 100, shakedrop: float = 0.5) -> PyramidNet:
+def pyramidnet272(num_classes: NumClasses = 100, shakedrop: Probability = 0.5) -> PyramidNet:
     """PyramidNet-272, alpha 200: the Wave Computing submission's network (26,288,692 parameters)."""
     return PyramidNet(depth=272, alpha=200, num_classes=num_classes, shakedrop=shakedrop)

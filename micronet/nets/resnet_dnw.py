@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from micronet.nets import register_model
+from micronet.nets import NumClasses, register_model
 
 
 class ResNetConvClassifier(ResNet):
@@ -30,6 +30,6 @@ class ResNetConvClassifier(ResNet):
 
 
 @register_model
-def resnet50_dnw(num_classes: int = 1000) -> ResNetConvClassifier:
+def resnet50_dnw(num_classes: NumClasses = 1000) -> ResNetConvClassifier:
     """ResNet-50 v1.5 with a 1x1-conv classifier (DNW's micro-net-dnw `resnet50`)."""
     return ResNetConvClassifier([3, 4, 6, 3], num_classes)
