@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from micronet.errors import MicronetError
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
-from micronet.tracking import PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, ensure_experiment, tracking_uri
+from micronet.tracking import (
+    PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, SELECT_TAG, SELECTED_ON_TEST, ensure_experiment, tracking_uri,
+)
 
 DEMO_PREFIX = "demo-"  # experiments of the toy pipelines: synthetic data, their accuracy means nothing
 REPORT_EXPERIMENT = "micronet-report"
@@ -135,6 +137,7 @@ class PipelineRun:
     metrics: dict[str, float]
     qualifies: Optional[bool]
     commit: str
+    selected_on_test: bool = False  # a stage kept its best epoch on the test split (select: test)
 
     @property
     def demo(self) -> bool:
@@ -202,6 +205,7 @@ def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> li
                 name=run.info.run_name or tags.get(PIPELINE_RUN_TAG, run.info.run_id), pipeline=pipeline,
                 task=_task(params, pipeline), params=params, metrics=metrics,
                 qualifies=_qualifies(tags), commit=tags.get(MLFLOW_GIT_COMMIT, ""),
+                selected_on_test=tags.get(SELECT_TAG) == "test",
             ))
         token = page.token
         if not token:
@@ -359,7 +363,8 @@ def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published]) -> li
             "experiment": run.experiment,
             "run": run.name,
             "changed params": ", ".join(f"{k}={v}" for k, v in changed[run.run_id].items()) or "-",
-            "accuracy": f"{run.accuracy:.4f}" if run.accuracy is not None else "-",
+            "accuracy": ("-" if run.accuracy is None else f"{run.accuracy:.4f}"
+                         + (f" ({SELECTED_ON_TEST})" if run.selected_on_test else "")),
             "params": _count(run.metrics.get("params")),
             "flops": _count(run.metrics.get("flops")),
             "score": f"{run.score:.6g}" if run.score is not None else "-",
@@ -435,6 +440,8 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
              f"{len(experiments)} experiments: {', '.join(experiments)}. Generated {when}.")
     note_runs = ("Changed params: the params whose values differ between the runs of the same experiment. "
                  "Published score: the leaderboard score of the entry the pipeline reproduces. "
+                 f"Accuracy \"{SELECTED_ON_TEST}\": a stage kept its best epoch on the test split (select: test, "
+                 "the teams' own protocol), so that accuracy is optimistic. "
                  "Unfinished runs (no score of their own: a stage failed or still runs, or DVC skipped the score "
                  "stage because an earlier stage wrote the same output as before) are listed but not plotted.")
     note_published = ("Numbers as each team published them, counted their way (see below); this project re-counts "

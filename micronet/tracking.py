@@ -20,6 +20,8 @@ PIPELINE_TAG = "micronet.pipeline"  # which submission the pipeline reproduces (
 STAGE_TAG = "micronet.stage"
 QUALIFIES_TAG = "qualifies"
 TEACHER_RUN_TAG = "micronet.teacher_run_id"
+SELECT_TAG = "micronet.select"  # the epoch a stage kept: last, val or test (the teams' protocol; also on the parent)
+SELECTED_ON_TEST = "selected on test, as published"
 
 
 def tracking_uri() -> str:
