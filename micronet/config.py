@@ -195,6 +195,15 @@ class OptimConfig(Section):
     batch_size: Optional[int] = Field(None, ge=1, description="global batch; null = data.batch_size")
     augment: Optional[AugmentConfig] = Field(None, description="null = data.augment / data.copies")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs; null = full epoch")
+    select: Optional[Literal["last", "val", "test"]] = Field(
+        None, description="the epoch the stage keeps. last: the final one (train on every image: data.val_size 0); "
+        "val: the best on the split held out of train; test: the best on the test split, as the teams did (tagged "
+        "in MLflow and the report); null: val when data.val_size > 0, else last"
+    )
+
+    def selection(self, val_size: int) -> str:
+        """`select` with null resolved: val when a validation split is held out, else last."""
+        return self.select or ("val" if val_size else "last")
 
     @model_validator(mode="after")
     def _rounds_divide_epochs(self) -> "OptimConfig":
@@ -219,6 +228,10 @@ class TrainConfig(OptimConfig):
     dnw: Optional[DnwConfig] = Field(None, description="sparse training with DNW; null = dense")
     checkpoint: Optional[str] = Field(
         None, description="micronet checkpoint to start from; with enabled: false it is passed on as is"
+    )
+    carry_optimizer: bool = Field(
+        False, description="fastai's learn.save/load: the checkpoint keeps the optimizer state of the kept epoch, "
+        "and training from a `checkpoint` that holds one continues from it (moments, not the recipe)"
     )
 
     @model_validator(mode="after")
@@ -375,6 +388,30 @@ class Params(Section):
     import_: Optional[ImportConfig] = Field(None, alias="import")
     _sections: dict[str, TrainConfig] = PrivateAttr(default_factory=dict)
 
+    def recipes(self) -> dict[str, OptimConfig]:
+        """Every recipe a stage trains with, by its key: the training sections and the fine-tunings."""
+        found: dict[str, OptimConfig] = {"train": self.train, **self._sections}
+        found.update({"prune.finetune": self.prune.finetune, "sparsify.finetune": self.sparsify.finetune})
+        if self.prune.bring_back_finetune is not None:
+            found["prune.bring_back_finetune"] = self.prune.bring_back_finetune
+        return found
+
+    def selection_problems(self) -> list[str]:
+        """What `select` cannot do with this data split: `val` needs data.val_size > 0, and EigenDamage's
+        min_accuracy needs a split to measure on (the held-out one, or the test split under select: test)."""
+        problems = []
+        if self.data.val_size == 0:
+            problems += [f"key '{key}.select' = 'val': data.val_size is 0, so there is no validation split; set "
+                         f"select: last (or test), or data.val_size > 0" for key, recipe in self.recipes().items()
+                         if recipe.select == "val"]
+            prune = self.prune
+            if prune.enabled and prune.method == "eigendamage" and prune.min_accuracy is not None and any(
+                    r.select != "test" for k, r in self.recipes().items() if k.startswith("prune.")):
+                problems.append("key 'prune.min_accuracy' needs a split to measure on, but data.val_size is 0 and "
+                                "prune's fine-tunings do not select on test: set it null, data.val_size > 0 or "
+                                "their select: test")
+        return problems
+
     def training(self, section: str = "train") -> TrainConfig:
         """The training section a stage runs: `train`, or an extra one such as `train_b0`."""
         if section == "train":
@@ -471,7 +508,9 @@ def load_params(path: Path | str = "params.yaml") -> Params:
             sections[key] = TrainConfig.model_validate(value if value is not None else {})
         except ValidationError as exc:
             problems += [_describe(e, key) for e in exc.errors()]
+    if not problems:
+        params._sections = sections
+        problems = params.selection_problems()
     if problems:
         raise MicronetError(f"{path}: {'; '.join(problems)}")
-    params._sections = sections
     return params

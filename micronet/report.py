@@ -28,7 +28,8 @@ from micronet.errors import MicronetError
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
 from micronet.tracking import (
-    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, ensure_experiment, tracking_uri,
+    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, SELECT_TAG, SELECTED_ON_TEST,
+    ensure_experiment, tracking_uri,
 )
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves: the report's links point there
@@ -141,6 +142,7 @@ class PipelineRun:
     commit: str
     experiment_id: str = ""
     model: Optional[tuple[str, str]] = None  # (registered model name, version) the score stage registered
+    selected_on_test: bool = False  # a stage kept its best epoch on the test split (select: test)
 
     @property
     def demo(self) -> bool:
@@ -210,6 +212,7 @@ def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> li
                 qualifies=_qualifies(tags), commit=tags.get(MLFLOW_GIT_COMMIT, ""),
                 experiment_id=run.info.experiment_id,
                 model=(tags[MODEL_NAME_TAG], tags[MODEL_VERSION_TAG]) if MODEL_VERSION_TAG in tags else None,
+                selected_on_test=tags.get(SELECT_TAG) == "test",
             ))
         token = page.token
         if not token:
@@ -389,7 +392,8 @@ def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published], ui: s
             "experiment": run.experiment,
             "run": run.name,
             "changed params": ", ".join(f"{k}={v}" for k, v in changed[run.run_id].items()) or "-",
-            "accuracy": f"{run.accuracy:.4f}" if run.accuracy is not None else "-",
+            "accuracy": ("-" if run.accuracy is None else f"{run.accuracy:.4f}"
+                         + (f" ({SELECTED_ON_TEST})" if run.selected_on_test else "")),
             "params": _count(run.metrics.get("params")),
             "flops": _count(run.metrics.get("flops")),
             "score": f"{run.score:.6g}" if run.score is not None else "-",
@@ -475,6 +479,8 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
     note_runs = ("Changed params: the params whose values differ between the runs of the same experiment. "
                  "Published score: the leaderboard score of the entry the pipeline reproduces. "
                  f"MLflow run and registered model: their pages in the MLflow UI at {ui} (`make mlflow-ui`). "
+                 f"Accuracy \"{SELECTED_ON_TEST}\": a stage kept its best epoch on the test split (select: test, "
+                 "the teams' own protocol), so that accuracy is optimistic. "
                  "Unfinished runs (no score of their own: a stage failed or still runs, or DVC skipped the score "
                  "stage because an earlier stage wrote the same output as before) are listed but not plotted.")
     note_published = ("Numbers as each team published them, counted their way (see below); this project re-counts "

@@ -21,6 +21,7 @@ from micronet.config import OptimConfig, Params, PruneConfig, SparsifyConfig, lo
 from micronet.data import Splits, build_splits, ensure_dataset
 from micronet.errors import MicronetError
 from micronet.training import seed_everything  # noqa: F401 - the stages seed through the runner
+from micronet.tracking import SELECT_TAG
 
 
 # The params each stage command reads, as its dvc.yaml stage lists them (tests/test_reliability.py checks every
@@ -120,6 +121,21 @@ def training_data(params: Params, recipe: OptimConfig, runtime: Any, seed: int =
         world_size=runtime.world_size, seed=seed, channels_last=precision_of(recipe, runtime)[1],
     )
     return splits, loader
+
+
+def selection_split(splits: Splits, recipe: OptimConfig, params: Params) -> Any:
+    """The split `fit` selects on and reports: the test split under select: test (the teams' protocol, tagged),
+    else the validation split (None when data.val_size is 0: the last epoch is kept)."""
+    return splits.test if recipe.selection(params.data.val_size) == "test" else splits.val
+
+
+def tag_selection(track: Any, recipes: Iterable[OptimConfig], params: Params) -> None:
+    """Tag the stage run with what it selected on; a pipeline run with any stage selecting on the test split is
+    tagged on its parent too, and the report marks it "selected on test, as published"."""
+    chosen = sorted({r.selection(params.data.val_size) for r in recipes})
+    if "test" in chosen:
+        track.set_tags({SELECT_TAG: "test"}, parent=True)
+    track.set_tags({SELECT_TAG: ",".join(chosen)})
 
 
 def sibling(path: Path, suffix: str) -> Path:
@@ -318,6 +334,7 @@ def compress_in_steps(
         if rows and rows[-1].get("stop"):
             first_step = len(plan)
     model.to(runtime.device)
+    tag_selection(track, {id(s.finetune): s.finetune for s in plan}.values(), params)
     epoch_offset = sum(max(1, s.finetune.epochs) for s in plan[:first_step])
     for step, spec in enumerate(plan):
         if step < first_step:
@@ -328,7 +345,8 @@ def compress_in_steps(
         resume = resume_file(output, f".step{step}")
         finetune = spec.finetune
         result = fit(
-            model, train if train is not None else splits.train, splits.val, finetune, runtime, masks=masks,
+            model, train if train is not None else splits.train, selection_split(splits, finetune, params), finetune,
+            runtime, masks=masks,
             num_classes=num_classes(params.data),
             batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
             seed=params.train.seed + step, resume_path=resume, fingerprint=key,

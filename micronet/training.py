@@ -243,6 +243,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_val_top1: Optional[float] = None  # None without a validation split
+    optimizer_state: Optional[dict[str, Any]] = None  # of the kept epoch, when fit(keep_optimizer=True)
 
 
 EpochCallback = Callable[[dict[str, float]], None]
@@ -265,11 +266,16 @@ def fit(
     fingerprint: str = "",
     on_epoch: Optional[EpochCallback] = None,
     desc: str = "train",
+    optimizer_state: Optional[dict[str, Any]] = None,
+    keep_optimizer: bool = False,
 ) -> FitResult:
-    """Train `model` in place for cfg.epochs and leave it at its best validation epoch (the last epoch when
-    there is no validation split). `train_set` is a Dataset (loaded by DataLoader workers) or a ready batch
-    loader with `set_epoch` (the GPU-resident one). `masks` (parameter name -> 0/1) keep pruned weights exactly
-    zero; `teacher` supplies soft targets and is never trained or wrapped in DDP."""
+    """Train `model` in place for cfg.epochs and leave it at the epoch cfg.select keeps: the best on `val_set`
+    (the split the caller selects on: held out of train, or the test split), or the last one (select: last, or
+    no `val_set`; `val_set` is then only evaluated for the curves). `train_set` is a Dataset (loaded by
+    DataLoader workers) or a ready batch loader with `set_epoch` (the GPU-resident one). `masks` (parameter
+    name -> 0/1) keep pruned weights exactly zero; `teacher` supplies soft targets and is never trained or
+    wrapped in DDP. `optimizer_state` (a saved state_dict) gives the first optimizer its per-parameter state
+    (fastai's moments), the recipe keeps its hyper-parameters; `keep_optimizer` returns the kept epoch's."""
     model.to(runtime.device)
     bf16, channels_last = precision_of(cfg, runtime)
     if channels_last:
@@ -289,12 +295,17 @@ def fit(
     else:
         train_loader = train_set
     val_loader = make_loader(val_set, batch_size, runtime, train=False, workers=workers) if val_set else None
+    if cfg.select in ("val", "test") and val_loader is None:
+        raise MicronetError(f"{desc}: select {cfg.select} needs that split, and none was given (data.val_size 0?)")
+    keep_best = val_loader is not None and cfg.select != "last"
     steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     if steps == 0:
         raise MicronetError(f"{desc}: the training split has fewer images than one batch ({batch_size})")
     criterion = recipe.Criterion(cfg.loss, cfg.mixing, num_classes=num_classes, teacher=teacher)
     round_starts = recipe.round_starts(cfg)
     optimizer, scheduler = recipe.start_round(model, cfg, steps, 0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict({**optimizer.state_dict(), "state": optimizer_state["state"]})
     result = FitResult()
     best_state: Optional[dict[str, torch.Tensor]] = None
     start_epoch = 0
@@ -379,9 +390,12 @@ def fit(
                           channels_last=channels_last)
             row.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
         score = row.get("val_acc", float(epoch))
-        if best_state is None or val_loader is None or score > result.best_val_top1:
+        if not keep_best or best_state is None or score > result.best_val_top1:
             result.best_epoch, result.best_val_top1 = epoch + 1, score
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if keep_best:
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if keep_optimizer:
+                result.optimizer_state = _cpu_copy(optimizer.state_dict())
         result.history.append(row)
         if runtime.is_main:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
@@ -407,6 +421,16 @@ def fit(
     elif not result.history:  # nothing trained (epochs: 0): still report where the model stands
         result.best_val_top1 = evaluate(model, val_loader, runtime).top1
     return result
+
+
+def _cpu_copy(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cpu_copy(v) for v in tree]
+    return tree
 
 
 def clear_resume(resume_path: Optional[Path], runtime: Runtime) -> None:

@@ -62,7 +62,7 @@ def prune_command(
         return {"rate": rate, "parameters": n}
 
     if cfg.method == "eigendamage":
-        compress, extra = eigendamage_steps(cfg, params, train_data, splits, runtime)
+        compress, extra = eigendamage_steps(cfg, params, train_data, runtime, params_before)
     else:
         compress, extra = channel_steps(cfg, params, splits, runtime, params_before), {}
 
@@ -81,7 +81,8 @@ def prune_command(
                            checkpoint=(output, make_checkpoint(model, source["arch"], source["args"], stage="prune")))
             runner.clear_steps(output)
             accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
-            reached = "" if final["rate"] >= cfg.rate else f" (target {cfg.rate} not reached)"
+            landed = final["parameters"] <= (1 - cfg.rate) * params_before
+            reached = "" if landed else f" (target {cfg.rate} not reached)"
             typer.echo(f"prune ({cfg.method}): {params_before:,} -> {final['parameters']:,} parameters (rate "
                        f"{final['rate']:.4f}{reached}) in {len(rows)} steps, val accuracy {accuracy} -> {output}")
     teardown_runtime(runtime)
@@ -113,11 +114,15 @@ def channel_steps(cfg, params, splits, runtime, params_before: int):
     return prune
 
 
-def eigendamage_steps(cfg, params, train_data, splits, runtime):
+def eigendamage_steps(cfg, params, train_data, runtime, params_before: int):
     """Wave's schedule: prune steps (K-FAC statistics on the training split, then the lowest-saliency eigen-
     directions go) alternating with bring-back steps, each fine-tuned with its own recipe; stop once a prune step
-    reaches prune.rate, or undo a step that leaves validation accuracy below prune.min_accuracy. Every rank runs
-    the same decisions (statistics are all-reduced, eigenbases broadcast, the bring-back draw seeded alike)."""
+    reaches prune.rate (that step removes only what is left to reach it), or undo a step that leaves the
+    accuracy its fine-tuning selected on (validation, or test under select: test) below prune.min_accuracy.
+    Every rank runs the same decisions (statistics are all-reduced, eigenbases broadcast, the bring-back draw
+    seeded alike)."""
+    import math
+
     import torch
 
     from micronet import runner
@@ -153,11 +158,12 @@ def eigendamage_steps(cfg, params, train_data, splits, runtime):
             loader.set_epoch(step)
         stats = collect_kfac(model, loader, runtime.device, cfg.kfac_batches, exclude=cfg.exclude,
                              train_mode=cfg.kfac_train_mode, seed=params.train.seed + step)
-        prune_step(model, stats, cfg.step_rate, cfg.max_layer_rate, state.pool)
+        prune_step(model, stats, cfg.step_rate, cfg.max_layer_rate, state.pool,
+                   max_parameters=math.floor((1 - target) * params_before))
         return None
 
     def reached(row) -> bool:
-        return row["kind"] == "prune" and row["rate"] >= cfg.rate
+        return row["kind"] == "prune" and row["parameters"] <= math.floor((1 - cfg.rate) * params_before)
 
     def accurate(row) -> bool:
         return cfg.min_accuracy is None or row["val_accuracy"] is None or row["val_accuracy"] >= cfg.min_accuracy

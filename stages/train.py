@@ -25,6 +25,7 @@ def train_command(
     from micronet.compression import count_parameters
     from micronet.compression.dnw import apply_dnw, bake_dnw, density_report
     from micronet.data import num_classes
+    from micronet.errors import MicronetError
     from micronet.nets import create_model
     from micronet.tracking import TEACHER_RUN_TAG, stage_run
     from micronet.training import clear_resume, fit, setup_runtime, teardown_runtime
@@ -39,7 +40,14 @@ def train_command(
     model_cfg = params.model_for(section)
     runtime = setup_runtime(params.distributed)
     runner.seed_everything(cfg.seed)
-    model = load_model(cfg.checkpoint)[0] if cfg.checkpoint else create_model(model_cfg.arch, **model_cfg.args)
+    if cfg.checkpoint:
+        model, start = load_model(cfg.checkpoint)
+    else:
+        model, start = create_model(model_cfg.arch, **model_cfg.args), {}
+    optimizer_state = start.get("optimizer") if cfg.carry_optimizer else None
+    if cfg.carry_optimizer and cfg.checkpoint and optimizer_state is None:
+        raise MicronetError(f"{params_path}: key '{section}.carry_optimizer' is true but {cfg.checkpoint} holds no "
+                            f"optimizer state: train it with carry_optimizer: true, or set this one false")
     teacher_model, teacher_ckpt = load_model(teacher) if teacher else (None, {})
     sparse_layers = apply_dnw(model, cfg.dnw.density, cfg.dnw.exclude) if cfg.dnw else []
     splits, train_data = runner.training_data(params, cfg, runtime, cfg.seed)
@@ -50,12 +58,14 @@ def train_command(
     with stage_run(section, params, params_path, enabled=runtime.is_main) as track:
         track.log_params({section: cfg.model_dump(), "model": model_cfg.model_dump()})
         track.set_tags({TEACHER_RUN_TAG: teacher_ckpt.get("mlflow_run_id")})
+        runner.tag_selection(track, [cfg], params)
         result = fit(
-            model, train_data, splits.val, cfg, runtime,
+            model, train_data, runner.selection_split(splits, cfg, params), cfg, runtime,
             batch_size=cfg.batch_size or params.data.batch_size, workers=params.data.workers, seed=cfg.seed,
             teacher=teacher_model, num_classes=num_classes(params.data), resume_path=resume, fingerprint=key,
             desc=section,
             on_epoch=lambda row: track.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"]),
+            optimizer_state=optimizer_state, keep_optimizer=cfg.carry_optimizer,
         )
         if sparse_layers:
             bake_dnw(model)
@@ -63,6 +73,8 @@ def train_command(
             n_params = count_parameters(model)
             checkpoint = make_checkpoint(model, model_cfg.arch, model_cfg.args, stage=section,
                                          mlflow_run_id=track.run_id)
+            if cfg.carry_optimizer:
+                checkpoint["optimizer"] = result.optimizer_state
             summary = {"val_accuracy": result.best_val_top1, "best_epoch": result.best_epoch,
                        "parameters": n_params}
             files: dict = {metrics: summary, plots: result.history}
@@ -73,8 +85,9 @@ def train_command(
                 files[runner.sibling(metrics, "_layers")] = density
             runner.publish(track, files, summary, curves=(plots, result.history), checkpoint=(output, checkpoint))
             clear_resume(resume, runtime)
+            split = "test" if cfg.selection(params.data.val_size) == "test" else "val"
             accuracy = "n/a (no validation split)" if result.best_val_top1 is None else f"{result.best_val_top1:.4f}"
             processes = f"{runtime.world_size} processes" if runtime.distributed else "1 process"
-            typer.echo(f"{section}: val accuracy {accuracy} at epoch {result.best_epoch}/{cfg.epochs}, "
+            typer.echo(f"{section}: {split} accuracy {accuracy} at epoch {result.best_epoch}/{cfg.epochs}, "
                        f"{n_params:,} parameters, {processes} -> {output}")
     teardown_runtime(runtime)

@@ -55,7 +55,7 @@ def test_prune_removes_channels_to_the_rate(criterion):
                          loss_fn=loss_fn_for(batches(1, 4)), max_layer_rate=0.8)
     after = count_parameters(model)
     assert rate == pytest.approx(1 - after / before)
-    assert 0.5 <= rate <= 0.52
+    assert 0.5 <= rate <= 0.51  # lands within one of 200 small increments, not a whole step past the rate
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3) for b in layer]
     # bottleneck widths shrank, the residual stream (block outputs, stem, classifier) kept its width
     reference = toy()

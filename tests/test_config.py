@@ -82,3 +82,65 @@ def test_import_section_and_quantization_aware_recipe_are_validated(tmp_path):
     params = load_params(path)
     assert params.import_.format == "kaist" and params.quantize.finetune.epochs == 2
     assert params.as_dict()["import"]["source"] == "k.t7"
+
+
+RECIPES = sorted((REPO / "micronet/assets/recipes").glob("*.yaml"))
+
+
+def _normal(value):
+    """model_dump's tuples and int-keyed dicts as YAML reads them."""
+    if isinstance(value, (tuple, list)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_full_scale_params_keep_the_teams_recipe(path):
+    """Each team's code is its pipeline's default: every value of the recipe (assets/recipes) is in the
+    full-scale params file, which trains on every training image and keeps the last epoch."""
+    recipe = yaml.safe_load(path.read_text())
+    params = load_params(REPO / recipe["params"])
+    assert params.tracking.pipeline == recipe["pipeline"] == path.stem
+    for key, value in recipe["values"].items():
+        tree = params.as_dict()
+        for part in key.split("."):
+            assert isinstance(tree, dict) and part in tree, f"{path.name}: {key} is not a params key"
+            tree = tree[part]
+        assert _normal(tree) == value, f"{recipe['params']}: {key} = {tree!r}, the team's code: {value!r}"
+    assert params.data.val_size == 0
+    assert all(r.selection(0) == "last" for r in params.recipes().values())
+
+
+def test_recipes_cover_every_pipeline():
+    published = {p.stem for p in (REPO / "micronet/assets/published").glob("*.yaml")}
+    assert {p.stem for p in RECIPES} == published
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: (r["data"].update(val_size=0), r["train"].update(select="val")),
+         "key 'train.select' = 'val': data.val_size is 0"),
+        (lambda r: (r["data"].update(val_size=0), r["sparsify"]["finetune"].update(select="val")),
+         "key 'sparsify.finetune.select' = 'val'"),
+        (lambda r: (r["data"].update(val_size=0), r["prune"].update(min_accuracy=0.5)),
+         "key 'prune.min_accuracy' needs a split to measure on"),
+        (lambda r: r["train"].update(select="best"), "train.select' = 'best'"),
+    ],
+)
+def test_selection_needs_its_split(tmp_path, mutate, expected):
+    path = write(tmp_path, mutate)
+    with pytest.raises(MicronetError) as err:
+        load_params(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value) and expected in str(err.value)
+
+
+def test_selection_defaults_follow_the_split(tmp_path):
+    held_out = load_params(write(tmp_path, lambda r: None))
+    assert held_out.train.selection(held_out.data.val_size) == "val"
+    every_image = load_params(write(tmp_path, lambda r: (
+        r["data"].update(val_size=0), r["prune"].update(min_accuracy=0.5),
+        r["prune"]["finetune"].update(select="test"), r["prune"]["bring_back_finetune"].update(select="test"))))
+    assert every_image.train.selection(0) == "last" and every_image.prune.finetune.selection(0) == "test"

@@ -65,7 +65,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     # EigenDamage: steps until a prune step reaches the rate; the checkpoint holds the factorization plan and a
     # plain rebuild computes what was saved
     prune = json.loads((demo / "metrics/prune.json").read_text())
-    assert prune["rate"] >= 0.3 and prune["parameters"] < prune["parameters_before"]
+    assert 0.3 <= prune["rate"] <= 0.31 and prune["parameters"] < prune["parameters_before"]  # lands on the rate
     assert set(prune) == {"rate", "parameters", "parameters_before", "val_accuracy", "steps"}  # measured numbers
     pruned = torch.load(demo / "models/prune.pt", map_location="cpu", weights_only=True)
     assert pruned["factorization"] and all(v["kind"] in ("conv", "linear") for v in pruned["factorization"].values())
@@ -138,7 +138,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     out = run(["dvc", "exp", "run", "-S", "prune.rate=0.5", "-S", "prune.method=channels"], demo, env)
     assert stages_run(out) == ["prune", "sparsify", "quantize", "score"]
     prune = json.loads((demo / "metrics/prune.json").read_text())
-    assert abs(prune["rate"] - 0.5) <= 0.02
+    assert 0.5 <= prune["rate"] <= 0.51
     assert not torch.load(demo / "models/prune.pt", map_location="cpu", weights_only=True)["factorization"]
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]

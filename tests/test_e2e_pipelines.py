@@ -69,6 +69,10 @@ def test_fastai_wrn_toy_pipeline(tmp_path):
     curves = (fastai / "metrics/plots/train.csv").read_text().splitlines()
     lrs = [float(line.split(",")[1]) for line in curves[1:]]
     assert lrs[0] == pytest.approx(5e-3 / 25, rel=1e-6)  # one-cycle starts at lr / div_factor
+    # learn.save/load: the first run's AdamW moments go into train_more, which continues their step count
+    saved = [torch.load(fastai / f"models/{name}.pt", map_location="cpu", weights_only=True)["optimizer"]["state"]
+             for name in ("train", "train_more")]
+    assert saved[0] and all(int(b["step"]) > int(a["step"]) > 0 for a, b in zip(saved[0].values(), saved[1].values()))
     parent, children = mlflow_stage_runs(repo, "demo-fastai-wrn22-6")
     assert sorted(children) == ["score", "train", "train_more"]
 

@@ -226,6 +226,26 @@ def test_prune_step_reaches_the_rate_under_the_layer_cap_and_keeps_eigen_directi
     assert report["parameters_after"] == layer_params(model)
 
 
+def test_steps_land_on_the_asked_rate_the_last_one_removing_only_the_gap(rate: float = 0.5):
+    """Coarse steps (half of all eigen-directions each) with bring-back between them: each prune step aims at
+    the rate, and the one that would pass it removes just enough to land on it (one direction's worth)."""
+    model = toy()
+    before = layer_params(model)
+    most = int((1 - rate) * before)
+    pool, rows = BringBackPool(), []
+    for step in range(6):
+        stats = collect_kfac(model, batches(1), "cpu")
+        report = prune_step(model, stats, 0.5, 0.6, pool, max_parameters=most)
+        rows.append((report["entry_rate"], 1 - report["parameters_after"] / before))
+        assert report["parameters_after"] == layer_params(model)  # the size it searched on is the size it built
+        if report["parameters_after"] <= most:
+            break
+        bring_back_step(model, pool, 0.25, torch.Generator().manual_seed(step))
+    reached = 1 - layer_params(model) / before
+    assert rate <= reached <= rate + 0.002, rows
+    assert rows[-1][0] < 0.5 or len(rows) == 1  # the last step removed less than a whole step
+
+
 # ---- bring-back --------------------------------------------------------------------------------------------
 
 

@@ -12,19 +12,20 @@ from micronet import report
 from micronet.errors import MicronetError
 from micronet.plots import compression_steps, training_curves
 from micronet.tracking import (
-    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, tracking_uri,
+    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, SELECT_TAG, tracking_uri,
 )
 from stages.report import report_command
 
 BASE_PARAMS = {"train.epochs": "3", "prune.rate": "0.65", "score.task": "cifar100", "tracking.experiment": "x"}
 
 
-def _parent(client, experiment_id, name, pipeline, params, metrics, qualifies="true", commit="ab638e1aaaa"):
+def _parent(client, experiment_id, name, pipeline, params, metrics, qualifies="true", commit="ab638e1aaaa",
+            tags=None):
     run = client.create_run(
         experiment_id, run_name=name,
         tags={PIPELINE_RUN_TAG: name, PIPELINE_TAG: pipeline, "mlflow.source.git.commit": commit,
               **({QUALIFIES_TAG: qualifies, MODEL_NAME_TAG: f"micronet-{pipeline}", MODEL_VERSION_TAG: "2"}
-                 if metrics else {})},
+                 if metrics else {}), **(tags or {})},
     )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
@@ -50,7 +51,7 @@ def _store(tmp_path) -> MlflowClient:
     _parent(client, wave, "wave-rate50", "wave", {**BASE_PARAMS, "prune.rate": "0.5"}, metrics(0.8102, 0.061))
     _parent(client, wave, "wave-rate65", "wave", BASE_PARAMS, metrics(0.8031, 0.047))
     _parent(client, wave, "wave-rate80", "wave", {**BASE_PARAMS, "prune.rate": "0.8"}, metrics(0.7702, 0.039),
-            qualifies="false")
+            qualifies="false", tags={SELECT_TAG: "test"})
     _parent(client, wave, "wave-rate90", "wave", {**BASE_PARAMS, "prune.rate": "0.9"}, {})  # unfinished
     _parent(client, demo, "demo-a", "kaist", BASE_PARAMS, metrics(0.02, 0.0061))
     _parent(client, demo, "demo-b", "kaist", BASE_PARAMS, metrics(0.03, 0.0063), commit="ffff000")
@@ -86,6 +87,8 @@ def test_report_writes_plot_tables_and_html_and_logs_them(tmp_path, monkeypatch)
         f"| [{run_id[:8]}](http://127.0.0.1:5000/#/experiments/{wave_id}/runs/{run_id}) "
         "| [micronet-wave v2](http://127.0.0.1:5000/#/models/micronet-wave/versions/2) |")
     assert f"/#/experiments/{wave_id}/runs/" in row["wave-rate90"] and row["wave-rate90"].endswith(") | - |")  # none
+    assert "| 0.7702 (selected on test, as published) |" in row["wave-rate80"]
+    assert "selected on test" not in row["wave-rate65"]
     assert "| no |" in row["wave-rate80"] and "kaist (demo)" in row["demo-a"] and "0.0054 (ver1 60%)" in row["demo-a"]
     # runs in report order: by pipeline, then experiment, finished by score, unfinished last
     assert [line.split(" | ")[2] for line in run_lines] == [

@@ -11,6 +11,7 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from micronet.config import OptimConfig
+from micronet.errors import MicronetError
 from micronet.training import Runtime, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,25 @@ def test_fit_learns_and_keeps_the_best_validation_epoch():
     assert len(result.history) == 4
     assert result.best_val_top1 >= 0.95
     assert result.best_val_top1 == max(r["val_acc"] for r in result.history)
+
+
+def test_select_last_keeps_the_final_epoch_and_optimizer_state_carries_on():
+    """select: last keeps the final weights (the validation split, if any, only draws curves); the kept epoch's
+    optimizer state, given to the next fit, continues its moments (fastai's learn.save/load) under the new
+    recipe's hyper-parameters."""
+    cfg = OptimConfig(epochs=3, lr=0.05, optimizer="adamw", select="last")
+    model = small_net()
+    result = fit(model, blobs(), blobs(64, 1), cfg, CPU, batch_size=32, keep_optimizer=True)
+    assert result.best_epoch == 3 and result.best_val_top1 == result.history[-1]["val_acc"]
+    state = result.optimizer_state
+    steps = 3 * (256 // 32)
+    assert all(int(s["step"]) == steps for s in state["state"].values())
+    with pytest.raises(MicronetError, match="select val needs"):
+        fit(small_net(), blobs(), None, OptimConfig(epochs=1, select="val"), CPU, batch_size=32)
+    more = fit(model, blobs(), None, OptimConfig(epochs=1, lr=0.01, optimizer="adamw", select="last"), CPU,
+               batch_size=32, optimizer_state=state, keep_optimizer=True)
+    assert all(int(s["step"]) == steps + 256 // 32 for s in more.optimizer_state["state"].values())
+    assert more.optimizer_state["param_groups"][0]["lr"] == pytest.approx(0.01)  # the new recipe's
 
 
 def test_masks_keep_pruned_weights_exactly_zero():

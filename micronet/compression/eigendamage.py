@@ -476,10 +476,12 @@ def layer_saliency(unit: Unit, f: LayerFactors) -> tuple[torch.Tensor, torch.Ten
     return rotated, (f.s * rotated.square()).sum(-1)
 
 
-def select_removals(saliencies: list[torch.Tensor], rate: float, max_layer_rate: float) -> list[torch.Tensor]:
+def select_removals(saliencies: list[torch.Tensor], rate: float, max_layer_rate: float,
+                    count: Optional[int] = None) -> list[torch.Tensor]:
     """Boolean removal masks for groups of scores (a layer's rows, a layer's columns): the int(rate * N)
-    smallest of all N scores, except that no group loses more than int(max_layer_rate * size) entries and
-    every group keeps one. Equal scores go in the order given."""
+    smallest of all N scores (or the `count` smallest), except that no group loses more than
+    int(max_layer_rate * size) entries and every group keeps one. Equal scores go in the order given, so a
+    smaller count removes a subset of what a larger one removes."""
     if not 0.0 <= rate < 1.0 or not 0.0 <= max_layer_rate < 1.0:
         raise MicronetError(f"prune rates must be in [0, 1): step rate {rate}, max layer rate {max_layer_rate}")
     sizes = torch.tensor([s.numel() for s in saliencies])
@@ -488,7 +490,7 @@ def select_removals(saliencies: list[torch.Tensor], rate: float, max_layer_rate:
         raise MicronetError("EigenDamage saliencies are not finite (diverged model or statistics)")
     group = torch.repeat_interleave(torch.arange(len(saliencies)), sizes)
     cap = torch.minimum((max_layer_rate * sizes.double()).floor().long(), sizes - 1)
-    k = int(rate * values.numel())
+    k = int(rate * values.numel()) if count is None else count
     order = torch.argsort(values, stable=True)  # ascending
     by_group = torch.argsort(group[order], stable=True)  # ascending value within each group
     starts = torch.cumsum(sizes, 0) - sizes
@@ -582,17 +584,45 @@ def _build(unit: Unit, input_weight: torch.Tensor, input_bias: Optional[torch.Te
     return new
 
 
+def _factorized_size(unit: Unit, out_rank: int, in_rank: int, taps: int) -> int:
+    """Parameters of the factorized layer `_build` makes of `unit` at these ranks."""
+    in_w, in_b = _input_map(unit)
+    out_w, out_b = _output_map(unit)
+    return (in_rank * (in_w.shape[1] + (in_b is not None)) + out_rank * in_rank * taps + out_w.shape[0] * out_rank
+            + (0 if out_b is None else out_b.numel()))
+
+
+def _count_for_parameters(groups: list[torch.Tensor], sizes: Callable[[list[torch.Tensor]], int], most: int,
+                          max_layer_rate: float, max_parameters: int) -> int:
+    """The fewest removals (at most `most`) that leave at most max_parameters: the model's size falls as the
+    count grows (each count removes a superset of a smaller one's), so bisect it."""
+    size = lambda k: sizes(select_removals(groups, 0.0, max_layer_rate, k))  # noqa: E731
+    if size(most) > max_parameters:
+        return most
+    low, high = 0, most
+    while low < high:
+        mid = (low + high) // 2
+        if size(mid) <= max_parameters:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
 def prune_step(
     model: nn.Module,
     stats: KFAC,
     step_rate: float,
     max_layer_rate: float = 0.5,
     pool: Optional[BringBackPool] = None,
+    max_parameters: Optional[int] = None,
 ) -> dict[str, Any]:
     """Remove step_rate of all layers' output and input eigen-directions (lowest saliency first, at most
     max_layer_rate of any layer's rows or columns) and make every layer in `stats` factorized; rotations of an
-    already factorized layer are composed with the new ones, so it stays three layers deep. Records the
-    deleted directions in `pool`. Returns a JSON-ready report."""
+    already factorized layer are composed with the new ones, so it stays three layers deep. With
+    `max_parameters`, remove only as many as bring the model to that size (the last step of a pruning run
+    lands on its rate instead of overshooting by up to a whole step). Records the deleted directions in
+    `pool`. Returns a JSON-ready report."""
     names = list(stats.layers)
     units = {n: model.get_submodule(n) for n in names}
     before = count_parameters(model)
@@ -603,7 +633,18 @@ def prune_step(
             rows.append(saliency.sum(1).double().cpu())
             cols.append(saliency.sum(0).double().cpu())
         groups = [t for pair in zip(rows, cols) for t in pair]
-        removed = select_removals(groups, step_rate, max_layer_rate)
+        count = int(step_rate * sum(t.numel() for t in groups))
+        if max_parameters is not None:
+            taps = {n: rotated[n].shape[-1] for n in names}
+            fixed = before - sum(p.numel() for n in names for p in units[n].parameters())
+
+            def sizes(masks: list[torch.Tensor]) -> int:
+                return fixed + sum(_factorized_size(units[n], rows[i].numel() - int(masks[2 * i].sum()),
+                                                    cols[i].numel() - int(masks[2 * i + 1].sum()), taps[n])
+                                   for i, n in enumerate(names))
+
+            count = _count_for_parameters(groups, sizes, count, max_layer_rate, max_parameters)
+        removed = select_removals(groups, step_rate, max_layer_rate, count)
         total = float(sum(t.sum() for t in groups)) or 1.0
         removed_values = torch.cat([t[m] for t, m in zip(groups, removed)])
         layers: dict[str, dict[str, int]] = {}
