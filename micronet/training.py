@@ -276,14 +276,10 @@ def fit(
     name -> 0/1) keep pruned weights exactly zero; `teacher` supplies soft targets and is never trained or
     wrapped in DDP. `optimizer_state` (a saved state_dict) gives the first optimizer its per-parameter state
     (fastai's moments), the recipe keeps its hyper-parameters; `keep_optimizer` returns the kept epoch's."""
-    model.to(runtime.device)
     bf16, channels_last = precision_of(cfg, runtime)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        teacher.to(runtime.device)
-        if channels_last:
-            teacher.to(memory_format=torch.channels_last)
+    for net in (model, teacher):
+        if net is not None:
+            net.to(runtime.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     masks = {k: v.to(runtime.device) for k, v in (masks or {}).items()}
     params = dict(model.named_parameters())
     unknown = set(masks) - set(params)
@@ -353,20 +349,9 @@ def fit(
                 images, targets = criterion.prepare(images, labels)
                 logits = train_model(images)
                 loss = criterion(logits.float(), labels, targets)
-            if cfg.srip:  # outside autocast: W^T W - I is a small deviation from I, which bf16 would round away
-                loss = loss + cfg.srip * recipe.srip_penalty(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for name, mask in masks.items():
-                if params[name].grad is not None:
-                    params[name].grad.mul_(mask)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = _optimizer_step(model, loss, cfg, optimizer, masks, params)
             scheduler.step()
             with torch.no_grad():
-                for name, mask in masks.items():
-                    params[name].mul_(mask)
                 totals[0] += loss.detach().double() * labels.numel()
                 totals[1] += (logits.argmax(1) == labels).sum()
                 seen += labels.numel()
@@ -421,6 +406,26 @@ def fit(
     elif not result.history:  # nothing trained (epochs: 0): still report where the model stands
         result.best_val_top1 = evaluate(model, val_loader, runtime).top1
     return result
+
+
+def _optimizer_step(model: nn.Module, loss: torch.Tensor, cfg: OptimConfig, optimizer: torch.optim.Optimizer,
+                    masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> torch.Tensor:
+    """Backward and one step with the recipe's SRIP and clipping; masked weights get no gradient and stay zero.
+    Returns the loss stepped on (SRIP included)."""
+    if cfg.srip:  # outside autocast: W^T W - I is a small deviation from I, which bf16 would round away
+        loss = loss + cfg.srip * recipe.srip_penalty(model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, mask in masks.items():
+        if params[name].grad is not None:
+            params[name].grad.mul_(mask)
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return loss
 
 
 def _cpu_copy(tree: Any) -> Any:
