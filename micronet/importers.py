@@ -140,18 +140,25 @@ def import_checkpoint(source: str, src: Path, arch: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def synthetic_kaist_model(arch: str, rate: float, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A random `arch` as KAIST's pruning leaves it: non-trivial BatchNorm statistics and biases, global magnitude
-    masks at `rate` over every conv/linear weight, applied."""
-    torch.manual_seed(seed)
-    model = create_model(arch)
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, so a forward check (or a folded BN) sees every BN."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.5, 0.5)
-        elif isinstance(m, nn.Conv2d) and m.bias is not None:
+    return model
+
+
+@torch.no_grad()
+def synthetic_kaist_model(arch: str, rate: float, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random `arch` as KAIST's pruning leaves it: non-trivial BatchNorm statistics and biases, global magnitude
+    masks at `rate` over every conv/linear weight, applied."""
+    torch.manual_seed(seed)
+    model = randomize_bn(create_model(arch))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
             m.bias.uniform_(-0.5, 0.5)
         elif isinstance(m, nn.Linear):  # at its init scale (std 0.01) the global threshold would take it whole
             m.weight.normal_(0.0, 0.1)

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from micronet.importers import randomize_bn
 from micronet.nets import create_model, list_models
 from micronet.scoring import count
-
-from counting import randomize_bn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
