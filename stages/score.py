@@ -81,6 +81,7 @@ def register(track, checkpoint: Path, model, test, name: str, tags: dict[str, st
 
     images = test[0][0].unsqueeze(0)
     device = next(model.parameters()).device
+    model.eval()  # counting traced it in train mode: the example's logits are inference logits
     with torch.no_grad():
         logits = model(images.to(device)).float().cpu()
     return log_and_register(track.client, track.run_id, checkpoint, images, logits, name, tags)
