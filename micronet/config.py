@@ -394,6 +394,8 @@ class Params(Section):
         found.update({"prune.finetune": self.prune.finetune, "sparsify.finetune": self.sparsify.finetune})
         if self.prune.bring_back_finetune is not None:
             found["prune.bring_back_finetune"] = self.prune.bring_back_finetune
+        if self.quantize.finetune is not None:
+            found["quantize.finetune"] = self.quantize.finetune
         return found
 
     def selection_problems(self) -> list[str]:

@@ -77,7 +77,9 @@ def quantize_command(
             qat = QuantizationAware(model, info["weight_exponents"], cfg.weight_bits)
             resume = runner.resume_file(output)
             recipe = cfg.finetune.model_copy(update={"precision": "fp32"})  # bf16 would blur the grid
-            fit(qat, train_data, splits.val, recipe, runtime, masks=qat.masks(masks),
+            runner.tag_selection(track, [cfg.finetune], params)
+            fit(qat, train_data, runner.selection_split(splits, cfg.finetune, params), recipe, runtime,
+                masks=qat.masks(masks),
                 batch_size=cfg.finetune.batch_size or params.data.batch_size, workers=params.data.workers,
                 seed=params.train.seed, num_classes=num_classes(params.data), resume_path=resume,
                 fingerprint=runner.fingerprint(input, params.data.model_dump(), cfg.model_dump(), params.train.seed),
