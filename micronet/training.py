@@ -306,14 +306,15 @@ def fit(
     best_state: Optional[dict[str, torch.Tensor]] = None
     start_epoch = 0
 
-    fields = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "best_epoch", "best_model")
+    fields = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "best_epoch", "best_val_top1",
+              "best_model")
     if resume_path is not None and (state := load_resume(resume_path, fingerprint, fields)) is not None:
         model.load_state_dict(state["model"])
         start_epoch = state["epoch"] + 1
         optimizer, scheduler = recipe.start_round(model, cfg, steps, start_epoch)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"])
+        result = FitResult(state["history"], state["best_epoch"], state["best_val_top1"], state.get("kept_optimizer"))
         best_state = state["best_model"]
         if runtime.is_main:
             tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {resume_path}")
@@ -390,7 +391,8 @@ def fit(
                     {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "history": result.history, "best_epoch": result.best_epoch,
-                     "best_val_top1": result.best_val_top1, "best_model": best_state},
+                     "best_val_top1": result.best_val_top1, "best_model": best_state,
+                     "kept_optimizer": result.optimizer_state},
                     resume_path,
                 )
             if on_epoch is not None:
