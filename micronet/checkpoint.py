@@ -103,7 +103,10 @@ def load_resume(path: Path, fingerprint: str, fields: Iterable[str]) -> Optional
     if problem is None:
         return state if state["fingerprint"] == fingerprint else None
     aside = path.with_name(f"{path.name}.corrupt")
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process (DDP rank) moved it first and says so
+        return None
     print(f"warning: {path}: {problem}; moved it to {aside.name} and starting from the last good state",
           file=sys.stderr)
     return None
