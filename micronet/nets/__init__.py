@@ -59,7 +59,7 @@ def validate_args(name: str, args: dict[str, Any], prefix: str = "args") -> dict
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    validate_args(name, kwargs)
+    kwargs = validate_args(name, kwargs)  # as validated: "10" for an int argument arrives as 10
     try:
         return _REGISTRY[name](**kwargs)
     except ValueError as exc:  # a constraint across arguments, checked by the network itself
