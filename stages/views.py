@@ -17,9 +17,7 @@ def views_command(
     from micronet.tracking import runs_view_url, save_runs_view, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    experiments = {}
-    for run in collect_runs(client):
-        experiments.setdefault(run.experiment, client.get_experiment_by_name(run.experiment).experiment_id)
+    experiments = {run.experiment: run.experiment_id for run in collect_runs(client)}
     typer.echo(f"MLflow experiments: {runs_view_url(host=host, port=port)}")
     for name, experiment_id in sorted(experiments.items()):
         save_runs_view(client, experiment_id)
