@@ -260,9 +260,6 @@ class StepProgress:
         atomic_save({"fingerprint": self.key, "step": step, "checkpoint": checkpoint, "rows": rows, "extra": extra},
                     self.path)
 
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 class StepState:
     """Extra state a compression method carries from step to step and must survive an interruption."""
