@@ -5,6 +5,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 PYTHON ?= python3.11
 RUN := $(UV) run --frozen --python $(PYTHON)
 PIPELINE ?= demo
+DATA ?= synthetic
 PIPELINE_DIR := pipelines/$(PIPELINE)
 MLFLOW_PORT ?= 5000
 DEVICE ?= cuda
@@ -19,6 +20,8 @@ help:
 	@echo "make install                 - uv sync --frozen (installs uv first if missing)"
 	@echo "make demo [PIPELINE=name]    - a pipeline at toy scale on synthetic data through DVC (default: demo = Wave);"
 	@echo "                               names: $$(ls -d pipelines/*/dvc.yaml | cut -d/ -f2 | tr '\n' ' ')"
+	@echo "make demo DATA=digits ...    - the same toy run on real images (scikit-learn's digits, 10 classes):"
+	@echo "                               $$(ls pipelines/*/digits.yaml | cut -d/ -f2 | tr '\n' ' ')"
 	@echo "make exp-show [PIPELINE=...] - the pipeline's DVC experiments, key columns only"
 	@echo "make test                    - the whole test suite"
 	@echo "make bench                   - benchmarks (bench/)"
@@ -34,12 +37,16 @@ $(UV):
 install: $(UV)
 	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 
-# A pipeline's toy.yaml (if any) is applied to its params.yaml, then the pipeline runs as a DVC experiment, so it
-# is the baseline later `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
+# A pipeline's toy.yaml (if any) is applied to its params.yaml (then, with DATA=digits, its digits.yaml: the same
+# toy run on real images), then the pipeline runs as a DVC experiment, so it is the baseline later
+# `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
 # A pipeline that starts from a released checkpoint (an `import` section) gets a random file in its place first.
 demo: install
 	@test -f $(PIPELINE_DIR)/dvc.yaml || { echo "no pipeline $(PIPELINE_DIR)/dvc.yaml"; exit 2; }
+	@test "$(DATA)" = synthetic || test -f $(PIPELINE_DIR)/$(DATA).yaml || { echo "no $(PIPELINE_DIR)/$(DATA).yaml: \
+		DATA=digits is for $$(ls pipelines/*/digits.yaml | cut -d/ -f2 | tr '\n' ' ')"; exit 2; }
 	cd $(PIPELINE_DIR) && { test ! -f toy.yaml || $(RUN) micronet params apply toy.yaml; } \
+		&& { test "$(DATA)" = synthetic || $(RUN) micronet params apply $(DATA).yaml; } \
 		&& { ! grep -q '^import:' params.yaml || $(RUN) micronet data synth-kaist --params params.yaml; } \
 		&& $(RUN) dvc exp run
 	@cd $(PIPELINE_DIR) && $(RUN) dvc metrics show && tail -n 8 metrics/score_layers.txt
@@ -48,8 +55,9 @@ exp-show: install
 	@cd $(PIPELINE_DIR) && COLUMNS=$${COLUMNS:-160} $(RUN) dvc exp show --no-pager --only-changed --precision 4 \
 		--drop '$(EXP_DROP)' --keep '($(EXP_HEADLINE))$$'
 
+# One pytest worker per core, the whole-pipeline runs first (tests/conftest.py), load balanced as workers free up.
 test: install
-	$(RUN) pytest -q --durations=12
+	$(RUN) pytest -q -n auto --dist worksteal --durations=12
 
 test-fast: install
 	$(RUN) pytest -q -m "not e2e"

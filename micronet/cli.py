@@ -12,7 +12,7 @@ import typer
 
 from micronet.errors import MicronetError
 from stages.count import count_command, models_command
-from stages.data import digits_command, synth_command, synth_imagenet_command
+from stages.data import synth_command, synth_imagenet_command
 from stages.import_checkpoint import import_command, synth_kaist_command
 from stages.params import apply_command
 from stages.prune import prune_command
@@ -31,9 +31,8 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: flags read as flags, and no rich import on start-up
 )
 data_app = typer.Typer(help="Dataset helpers.", no_args_is_help=True, rich_markup_mode=None)
-data_app.command("synth", help="Write a synthetic dataset in the CIFAR-100 python format.")(synth_command)
-data_app.command("digits", help="Write scikit-learn's digits (a small real data set) in the CIFAR-100 format.")(
-    digits_command)
+data_app.command("synth", help="Write a stand-in CIFAR-100 (generated, or scikit-learn's digits) in its format.")(
+    synth_command)
 data_app.command("synth-imagenet", help="Write a synthetic ImageNet (JPEG files, ImageFolder layout).")(
     synth_imagenet_command)
 data_app.command("synth-kaist", help="Write a random KAIST-layout checkpoint at import.source (toy runs).")(

@@ -56,16 +56,30 @@ class AugmentConfig(Section):
         return name
 
 
-class SynthConfig(Section):
-    """A synthetic data set in the real on-disk format, for runs without the real data (toy pipelines, tests).
-    CIFAR-100: `train`/`test` images. ImageNet: `train`/`test` JPEGs per class (test = the val folder) of
-    `classes` classes, `size` pixels square."""
+DIGITS = 1797  # images in scikit-learn's load_digits (micronet.data.digits)
 
+
+class SynthConfig(Section):
+    """A stand-in data set in the real on-disk format, for runs without the real data (toy pipelines, tests).
+    CIFAR-100: `train`/`test` images, generated (`source: synthetic`) or drawn from scikit-learn's digits
+    (`source: digits`: real images, 10 classes, 1,797 in all, to show a recipe learns). ImageNet: `train`/`test`
+    JPEGs per class (test = the val folder) of `classes` classes, `size` pixels square."""
+
+    source: Literal["synthetic", "digits"] = Field(
+        "synthetic", description="cifar100 only. synthetic: generated patterns; digits: scikit-learn's handwritten "
+        "digits upscaled to 32x32 (labels 0-9), a seeded stratified train/test split")
     train: int = Field(2000, ge=1)
     test: int = Field(500, ge=1)
     seed: int = 0
     classes: int = Field(10, ge=2, description="imagenet only")
     size: int = Field(64, ge=16, description="imagenet only: side of the written JPEGs")
+
+    @model_validator(mode="after")
+    def _digits_fit(self) -> "SynthConfig":
+        if self.source == "digits" and (min(self.train, self.test) < 10 or self.train + self.test > DIGITS):
+            raise ValueError(f"digits: train ({self.train}) and test ({self.test}) must be at least 10 each and at "
+                             f"most {DIGITS} together")
+        return self
 
 
 class DataConfig(Section):
@@ -99,6 +113,8 @@ class DataConfig(Section):
     def _gpu_loader_is_for_cifar(self) -> "DataConfig":
         if self.loader == "gpu" and self.dataset != "cifar100":
             raise ValueError("data.loader gpu keeps CIFAR-size data on the device; use workers for imagenet")
+        if self.synthetic is not None and self.synthetic.source == "digits" and self.dataset != "cifar100":
+            raise ValueError("data.synthetic.source digits writes CIFAR-100's format; imagenet takes synthetic only")
         return self
 
 

@@ -1,6 +1,6 @@
-"""`micronet data synth` / `synth-imagenet`: write a synthetic CIFAR-100 or ImageNet in the real on-disk format,
-for runs without the dataset; `micronet data digits`: a small real data set (scikit-learn's digits) in CIFAR-100's
-format, to see a pipeline learn real images."""
+"""`micronet data synth` / `synth-imagenet`: write a stand-in CIFAR-100 or ImageNet in the real on-disk format,
+for runs without the dataset: generated patterns, or (CIFAR-100, `--source digits`) scikit-learn's handwritten
+digits, a small real data set to see a pipeline learn real images."""
 
 from __future__ import annotations
 
@@ -15,27 +15,26 @@ def synth_command(
     train: int = typer.Option(5000, "--train", help="number of training images"),
     test: int = typer.Option(1000, "--test", help="number of test images"),
     seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
+    source: str = typer.Option("synthetic", "--source", help="synthetic: generated patterns, 100 classes; digits: "
+                               "scikit-learn's handwritten digits (real images, 10 classes, at most 1,797 in all), "
+                               "upscaled to 32x32, a seeded stratified split"),
 ) -> None:
-    """Write a deterministic synthetic CIFAR-100 that torchvision's CIFAR100 loader reads."""
-    from micronet.data import write_synthetic_cifar100
+    """Write a stand-in CIFAR-100 that torchvision's CIFAR100 loader reads: generated, or scikit-learn's digits."""
+    from micronet.config import SynthConfig
+    from micronet.data import write_digits_cifar100, write_synthetic_cifar100
+    from micronet.errors import MicronetError
 
-    folder = write_synthetic_cifar100(out, n_train=train, n_test=test, seed=seed)
-    typer.echo(f"wrote synthetic CIFAR-100 to {folder}: {train} train, {test} test images (seed {seed})")
-
-
-def digits_command(
-    out: Path = typer.Option(..., "--out", help="folder to write cifar-100-python/ into (use it as data.root)"),
-    test: int = typer.Option(297, "--test", help="test images (stratified by class)"),
-    train: Optional[int] = typer.Option(None, "--train", help="training images (stratified); default: all the "
-                                        "others of the 1,797"),
-    seed: int = typer.Option(0, "--seed", help="seed of the train/test split"),
-) -> None:
-    """Write scikit-learn's 8x8 digits, upscaled to 32x32 RGB, as CIFAR-100 files (labels 0-9) torchvision reads."""
-    from micronet.data import synthetic_manifest, write_digits_cifar100
-
-    folder = write_digits_cifar100(out, n_test=test, seed=seed, n_train=train)
-    typer.echo(f"wrote the digits (10 classes, 32x32) as CIFAR-100 to {folder}: "
-               f"{synthetic_manifest(out)['n_train']} train, {test} test images (split seed {seed})")
+    try:
+        SynthConfig(source=source, train=train, test=test, seed=seed)
+    except ValueError as e:
+        raise MicronetError(f"micronet data synth: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    if source == "digits":
+        folder = write_digits_cifar100(out, n_test=test, seed=seed, n_train=train)
+        typer.echo(f"wrote the digits (10 classes, 32x32) as CIFAR-100 to {folder}: {train} train, {test} test "
+                   f"images (split seed {seed})")
+    else:
+        folder = write_synthetic_cifar100(out, n_train=train, n_test=test, seed=seed)
+        typer.echo(f"wrote synthetic CIFAR-100 to {folder}: {train} train, {test} test images (seed {seed})")
 
 
 def synth_imagenet_command(

@@ -7,7 +7,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `make test` runs one pytest worker per core (pytest-xdist): each gets its share of the cores, for torch here and,
+# through OMP_NUM_THREADS, for every stage process a test starts; more threads than cores stall in OpenMP barriers.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The whole-pipeline runs first: started last on a worker, a 5-minute test would be the suite's tail."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(autouse=True)

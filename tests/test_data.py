@@ -142,6 +142,27 @@ def test_digits_are_real_images_in_cifar100_format(tmp_path):
         write_digits_cifar100(tmp_path / "c", n_test=300, seed=0, n_train=1500)
 
 
+def test_data_synthetic_source_digits_writes_them_where_a_stage_looks(tmp_path):
+    # `data.synthetic.source: digits` (make demo DATA=digits): a stage's ensure_dataset writes the same bytes as the
+    # writer, replaces a synthetic set of another source at that root, and keeps a matching one as it is.
+    from micronet.data import ensure_dataset
+
+    write_digits_cifar100(tmp_path / "ref", n_test=100, seed=1, n_train=400)
+    write_synthetic_cifar100(tmp_path / "root", 400, 100, seed=1)
+    cfg = DataConfig(root=str(tmp_path / "root"), synthetic={"source": "digits", "train": 400, "test": 100, "seed": 1})
+    ensure_dataset(cfg)
+    assert _md5s(tmp_path / "root") == _md5s(tmp_path / "ref")
+    stamp = (tmp_path / "root/cifar-100-python/train").stat().st_mtime_ns
+    ensure_dataset(cfg)
+    assert (tmp_path / "root/cifar-100-python/train").stat().st_mtime_ns == stamp
+    ensure_dataset(cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"source": "synthetic"})}))
+    assert synthetic_manifest(tmp_path / "root")["synthetic"] is True
+    with pytest.raises(ValueError, match="at most 1797 together"):
+        DataConfig(synthetic={"source": "digits", "train": 1700, "test": 297})
+    with pytest.raises(ValueError, match="imagenet takes synthetic only"):
+        DataConfig(dataset="imagenet", synthetic={"source": "digits", "train": 100, "test": 100})
+
+
 # --- splits ----------------------------------------------------------------------------------------------
 
 
@@ -360,3 +381,9 @@ def test_synth_command(tmp_path):
     assert "\n" not in line and str(tmp_path / "cifar-100-python") in line and "200" in line and "100" in line
     assert synthetic_manifest(tmp_path)["seed"] == 3
     assert len(load_cifar100(tmp_path, train=True)) == 200
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d"), "--source", "digits", "--train", "300",
+                                      "--test", "100"])
+    assert result.exit_code == 0 and "digits" in result.output and synthetic_manifest(tmp_path / "d")["n_train"] == 300
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "e"), "--source", "digits", "--train", "1700",
+                                      "--test", "100"])
+    assert result.exit_code != 0 and "at most 1797 together" in str(result.exception) and not (tmp_path / "e").exists()

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from micronet.importers import randomize_bn
-from micronet.nets import create_model, list_models
+from micronet.errors import MicronetError
+from micronet.nets import create_model, list_models, validate_args
 from micronet.scoring import count
 
 
@@ -153,6 +154,11 @@ def test_micronet_init_and_bn_momentum():
     dw = m.layers[15].conv2  # depthwise: fan is 3 * 3 * 264
     assert dw.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 264)), rel=0.1)
     assert m.linear.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    # a toy run of ~100 steps raises it (toy.yaml), or its running statistics stay near the init's 0 / 1
+    toy = create_model("kaist_micronet_v2", bn_momentum=0.1)
+    assert {b.momentum for b in toy.modules() if isinstance(b, nn.BatchNorm2d)} == {0.1}
+    with pytest.raises(MicronetError, match="bn_momentum"):
+        validate_args("kaist_micronet_v1", {"bn_momentum": 0})
 
 
 def _hswish(x: torch.Tensor) -> torch.Tensor:

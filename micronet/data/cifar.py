@@ -137,10 +137,15 @@ def ensure_cifar100(cfg: DataConfig) -> None:
     root = untracked_input(cfg.root)
     if cfg.synthetic is not None:
         synth = cfg.synthetic
-        manifest = synthetic_manifest(root)
-        wanted = {"synthetic": True, "seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
-        if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
-            write_synthetic_cifar100(root, synth.train, synth.test, synth.seed)
+        manifest = synthetic_manifest(root) or {}
+        wanted = {"source": synth.source, "seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
+        if any(manifest.get(k, "synthetic" if k == "source" else None) != v for k, v in wanted.items()):
+            if synth.source == "digits":
+                from micronet.data.digits import write_digits_cifar100
+
+                write_digits_cifar100(root, synth.test, synth.seed, n_train=synth.train)
+            else:
+                write_synthetic_cifar100(root, synth.train, synth.test, synth.seed)
         return
     if cfg.download:
         for train in (True, False):

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from micronet.config import DIGITS
 from micronet.data.cifar import NUM_CLASSES, write_cifar100_format
 from micronet.errors import MicronetError
-
-DIGITS = 1797  # images in sklearn.datasets.load_digits
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ NumClasses = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=1)]
 Positive = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
+Momentum = Annotated[float, Field(gt=0, le=1)]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -73,6 +74,16 @@ def fan_out_normal_(conv: nn.Conv2d) -> None:
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+def with_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    """Every BatchNorm's running-statistics momentum (torch's convention). KAIST's and UCI's 0.01 needs thousands of
+    steps to settle, so a toy run of a hundred steps evaluates with the initial statistics (chance accuracy)
+    unless it raises this."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+    return model
 
 
 # Importing the families registers their builders.

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from micronet.nets import NumClasses, Positive, Probability, fan_out_normal_, register_model
+from micronet.nets import Momentum, NumClasses, Positive, Probability, fan_out_normal_, register_model, with_bn_momentum
 
 # Stages of EfficientNet-B0 for 32x32: (expand ratio, channels, repeats, first stride, kernel)
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -198,7 +198,7 @@ def efficientnet_exx(
 @register_model
 def efficientnet_cifar(
     num_classes: NumClasses = 100, width: Positive = 1.0, depth: Positive = 1.0, drop_connect: Probability = 0.0,
-    dropout: Probability = 0.0,
+    dropout: Probability = 0.0, bn_momentum: Momentum = 0.01,
 ) -> EfficientNetCifar:
     """Any width/depth of the 32x32 family (thin ones for toy runs of the teacher chain)."""
-    return EfficientNetCifar(width, depth, num_classes, drop_connect, dropout)
+    return with_bn_momentum(EfficientNetCifar(width, depth, num_classes, drop_connect, dropout), bn_momentum)

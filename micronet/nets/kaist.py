@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.nets import NumClasses, fan_out_normal_, register_model
+from micronet.nets import Momentum, NumClasses, fan_out_normal_, register_model, with_bn_momentum
 
 # Rows: (expansion, out channels, blocks, stride of the first block).
 CFG_V1 = [(3, 16, 2, 1), (3, 32, 1, 2), (3, 32, 1, 1), (3, 48, 3, 1), (3, 72, 1, 2), (3, 72, 4, 1),
@@ -116,12 +116,12 @@ class MicroNet(nn.Module):
 
 
 @register_model
-def kaist_micronet_v1(num_classes: NumClasses = 100) -> MicroNet:
+def kaist_micronet_v1(num_classes: NumClasses = 100, bn_momentum: Momentum = BN_MOMENTUM) -> MicroNet:
     """KAIST MicroNet ver1 (expansion 3; 450,456 dense weights), their submitted network."""
-    return MicroNet(CFG_V1, num_classes)
+    return with_bn_momentum(MicroNet(CFG_V1, num_classes), bn_momentum)
 
 
 @register_model
-def kaist_micronet_v2(num_classes: NumClasses = 100) -> MicroNet:
+def kaist_micronet_v2(num_classes: NumClasses = 100, bn_momentum: Momentum = BN_MOMENTUM) -> MicroNet:
     """KAIST MicroNet ver2 (expansion 2.5; 471,184 dense weights)."""
-    return MicroNet(CFG_V2, num_classes)
+    return with_bn_momentum(MicroNet(CFG_V2, num_classes), bn_momentum)
