@@ -15,9 +15,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # The toy pipelines on real images (`make demo DATA=digits`: 297 held-out digits, chance 0.10): the final model's
-# top-1 at least LEARNED, and no compression stage costing more than STAGE_LOSS against its input.
+# top-1 at least LEARNED, and no compression stage costing more than STAGE_LOSS against its input (15 of the 297;
+# the same stage run twice at this size has differed by up to 7 points).
 LEARNED = 0.80
-STAGE_LOSS = 0.03
+STAGE_LOSS = 0.05
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> str:

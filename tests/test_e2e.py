@@ -18,8 +18,9 @@ pytestmark = pytest.mark.e2e
 
 def shrink(params: dict) -> None:
     """The demo as `make demo DATA=digits` runs it: real images (scikit-learn's digits, 10 classes)."""
-    for section, values in yaml.safe_load((REPO / "pipelines/demo/digits.yaml").read_text()).items():
-        params[section].update(values)
+    from stages.params import merge
+
+    merge(params, yaml.safe_load((REPO / "pipelines/demo/digits.yaml").read_text()))
 
 
 @pytest.fixture(scope="module")
