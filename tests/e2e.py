@@ -37,6 +37,8 @@ def environment() -> dict:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store: <repo>/mlflow.db
     env.pop("DVC_EXP_NAME", None)
+    env.pop("COLUMNS", None)  # a pytest-xdist worker sets the terminal's 80; `make exp-show` defaults to 160
+    env.pop("LINES", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     return env
