@@ -21,20 +21,16 @@ def synth_command(
 ) -> None:
     """Write a stand-in CIFAR-100 that torchvision's CIFAR100 loader reads: generated, or scikit-learn's digits."""
     from micronet.config import SynthConfig
-    from micronet.data import write_digits_cifar100, write_synthetic_cifar100
+    from micronet.data.cifar import write_stand_in_cifar100
     from micronet.errors import MicronetError
 
     try:
-        SynthConfig(source=source, train=train, test=test, seed=seed)
+        synth = SynthConfig(source=source, train=train, test=test, seed=seed)
     except ValueError as e:
         raise MicronetError(f"micronet data synth: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    if source == "digits":
-        folder = write_digits_cifar100(out, n_test=test, seed=seed, n_train=train)
-        typer.echo(f"wrote the digits (10 classes, 32x32) as CIFAR-100 to {folder}: {train} train, {test} test "
-                   f"images (split seed {seed})")
-    else:
-        folder = write_synthetic_cifar100(out, n_train=train, n_test=test, seed=seed)
-        typer.echo(f"wrote synthetic CIFAR-100 to {folder}: {train} train, {test} test images (seed {seed})")
+    folder = write_stand_in_cifar100(out, synth)
+    what = "the digits (10 classes, 32x32) as CIFAR-100" if source == "digits" else "synthetic CIFAR-100"
+    typer.echo(f"wrote {what} to {folder}: {train} train, {test} test images (seed {seed})")
 
 
 def synth_imagenet_command(

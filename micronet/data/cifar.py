@@ -19,7 +19,7 @@ from torchvision.datasets import CIFAR100
 from torchvision.datasets.vision import StandardTransform
 
 from micronet.augment import Cutout, FastAutoAugment, load_policy
-from micronet.config import AugmentConfig, DataConfig
+from micronet.config import AugmentConfig, DataConfig, SynthConfig
 from micronet.errors import MicronetError
 from micronet.paths import untracked_input
 from micronet.data.splits import Splits, split_indices
@@ -140,12 +140,7 @@ def ensure_cifar100(cfg: DataConfig) -> None:
         manifest = synthetic_manifest(root) or {}
         wanted = {"source": synth.source, "seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
         if any(manifest.get(k, "synthetic" if k == "source" else None) != v for k, v in wanted.items()):
-            if synth.source == "digits":
-                from micronet.data.digits import write_digits_cifar100
-
-                write_digits_cifar100(root, synth.test, synth.seed, n_train=synth.train)
-            else:
-                write_synthetic_cifar100(root, synth.train, synth.test, synth.seed)
+            write_stand_in_cifar100(root, synth)
         return
     if cfg.download:
         for train in (True, False):
@@ -247,6 +242,15 @@ def write_synthetic_cifar100(out: Path, n_train: int, n_test: int, seed: int) ->
     names = [f"synthetic_{c:02d}" for c in range(NUM_CLASSES)]
     return write_cifar100_format(out, splits, names, {"synthetic": True, "seed": seed, "n_train": n_train,
                                                       "n_test": n_test})
+
+
+def write_stand_in_cifar100(out: Path, synth: SynthConfig) -> Path:
+    """Write what `synth` describes (generated patterns, or scikit-learn's digits) to `out/cifar-100-python/`."""
+    if synth.source == "digits":
+        from micronet.data.digits import write_digits_cifar100
+
+        return write_digits_cifar100(out, synth.test, synth.seed, n_train=synth.train)
+    return write_synthetic_cifar100(out, synth.train, synth.test, synth.seed)
 
 
 def write_cifar100_format(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str],
