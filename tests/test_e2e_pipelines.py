@@ -125,6 +125,7 @@ def test_dnw_toy_pipeline(tmp_path):
     def shrink(toy: dict) -> None:
         toy["data"]["synthetic"].update(classes=5, train=30, test=10)
         toy["data"].update(val_size=30)
+        toy["train"].update(epochs=2)
 
     repo = repository_copy(tmp_path / "repo", "dnw", shrink, file="toy.yaml")
     env = environment()
