@@ -140,7 +140,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     # and, to keep the suite short, fine-tuning epochs of 4 batches: accuracy was checked above).
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
-    short = [f"-S{stage}.finetune.max_steps_per_epoch=4" for stage in ("prune", "sparsify")]
+    short = [f"-S+{stage}.finetune.max_steps_per_epoch=4" for stage in ("prune", "sparsify")]  # +: a new key
     out = run(["dvc", "exp", "run", "-S", "prune.rate=0.5", "-S", "prune.method=channels", *short], demo, env)
     assert stages_run(out) == ["prune", "sparsify", "quantize", "score"]
     prune = json.loads((demo / "metrics/prune.json").read_text())
