@@ -59,6 +59,13 @@ class AugmentConfig(Section):
 DIGITS = 1797  # images in scikit-learn's load_digits (micronet.data.digits)
 
 
+def digits_split_problem(n_train: int, n_test: int) -> Optional[str]:
+    """Why a digits train/test split of these sizes can't be drawn, or None: one rule for params and the writer."""
+    if min(n_train, n_test) < 10 or n_train + n_test > DIGITS:
+        return f"digits: train ({n_train}) and test ({n_test}) must be at least 10 each and at most {DIGITS} together"
+    return None
+
+
 class SynthConfig(Section):
     """A stand-in data set in the real on-disk format, for runs without the real data (toy pipelines, tests).
     CIFAR-100: `train`/`test` images, generated (`source: synthetic`) or drawn from scikit-learn's digits
@@ -76,9 +83,9 @@ class SynthConfig(Section):
 
     @model_validator(mode="after")
     def _digits_fit(self) -> "SynthConfig":
-        if self.source == "digits" and (min(self.train, self.test) < 10 or self.train + self.test > DIGITS):
-            raise ValueError(f"digits: train ({self.train}) and test ({self.test}) must be at least 10 each and at "
-                             f"most {DIGITS} together")
+        problem = digits_split_problem(self.train, self.test) if self.source == "digits" else None
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -387,3 +387,14 @@ def test_synth_command(tmp_path):
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "e"), "--source", "digits", "--train", "1700",
                                       "--test", "100"])
     assert result.exit_code != 0 and "at most 1797 together" in str(result.exception) and not (tmp_path / "e").exists()
+
+
+def test_digits_writer_refuses_a_split_the_params_would_refuse(tmp_path):
+    """The writer is also called directly (default n_train: the rest); its size rule is the params' one."""
+    from micronet.data.digits import write_digits_cifar100
+
+    with pytest.raises(MicronetError, match=r"train \(1792\) and test \(5\) must be at least 10 each"):
+        write_digits_cifar100(tmp_path, n_test=5, seed=0)
+    with pytest.raises(MicronetError, match="at most 1797 together"):
+        write_digits_cifar100(tmp_path, n_test=100, seed=0, n_train=1698)
+    assert not (tmp_path / "cifar-100-python").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from micronet.config import DIGITS
+from micronet.config import DIGITS, digits_split_problem
 from micronet.data.cifar import NUM_CLASSES, write_cifar100_format
 from micronet.errors import MicronetError
 
@@ -40,9 +40,9 @@ def write_digits_cifar100(out: Path, n_test: int, seed: int, n_train: Optional[i
     file, `n_train` (default: all the others) the training file, both stratified by class with a seeded split.
     Returns that folder; use `out` as data.root."""
     n_train = DIGITS - n_test if n_train is None else n_train
-    if n_test < 10 or n_train < 10 or n_train + n_test > DIGITS:
-        raise MicronetError(f"digits: --train ({n_train}) and --test ({n_test}) must be at least 10 each and at most "
-                            f"{DIGITS} together")
+    problem = digits_split_problem(n_train, n_test)
+    if problem:
+        raise MicronetError(problem)
     from sklearn.model_selection import train_test_split
 
     images, labels = _digits()
