@@ -21,7 +21,7 @@ def synth_command(
 ) -> None:
     """Write a stand-in CIFAR-100 that torchvision's CIFAR100 loader reads: generated, or scikit-learn's digits."""
     from micronet.config import SynthConfig
-    from micronet.data.cifar import write_stand_in_cifar100
+    from micronet.data import write_stand_in_cifar100
     from micronet.errors import MicronetError
 
     try:

@@ -19,6 +19,7 @@ from micronet.data.cifar import (
     ensure_cifar100,
     load_cifar100,
     synthetic_manifest,
+    write_stand_in_cifar100,
     write_synthetic_cifar100,
 )
 from micronet.data.digits import write_digits_cifar100
@@ -40,7 +41,8 @@ __all__ = [
     "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Splits",
     "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_test", "build_transform", "ensure_dataset",
     "load_cifar100", "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest",
-    "synthetic_manifest", "write_digits_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
+    "synthetic_manifest", "write_digits_cifar100", "write_stand_in_cifar100", "write_synthetic_cifar100",
+    "write_synthetic_imagenet",
 ]
 
 
