@@ -35,3 +35,11 @@ def one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def real_cifar100() -> Path:
+    """The real CIFAR-100 (../shared/data/cifar100) as a data.root, or a one-line skip where it is absent."""
+    from real_data import real_cifar100
+
+    return real_cifar100()

@@ -1,8 +1,11 @@
-"""Data layer: synthetic CIFAR-100 in torchvision's format, splits, transforms, Fast AutoAugment, Cutout."""
+"""Data layer: synthetic CIFAR-100 in torchvision's format, manifest-checked folders (a verified copy of the real data,
+or a stand-in written here), splits, transforms, Fast AutoAugment, Cutout."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
 import random
 import time
@@ -22,7 +25,7 @@ from micronet.config import AugmentConfig, DataConfig
 from micronet.data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
-    SyntheticCIFAR100,
+    ManifestCIFAR100,
     build_splits,
     build_test,
     build_transform,
@@ -93,7 +96,7 @@ def test_synthetic_is_deterministic_per_seed(synth, tmp_path):
 
 def test_load_cifar100_reads_synthetic(synth):
     ds = load_cifar100(synth, train=False, transform=build_transform(None, train=False))
-    assert isinstance(ds, SyntheticCIFAR100) and len(ds) == N_TEST
+    assert isinstance(ds, ManifestCIFAR100) and ds.manifest == "synthetic.json" and len(ds) == N_TEST
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 100
 
@@ -116,6 +119,97 @@ def test_real_layout_is_md5_checked(synth, tmp_path):
         load_cifar100(tmp_path, train=True, download=False)
     with pytest.raises(MicronetError, match="not synthetic"):  # and the writer will not overwrite it
         write_synthetic_cifar100(tmp_path, 100, 100, seed=0)
+
+
+# --- folders with a manifest: a verified copy (MANIFEST.json) or a stand-in written here (synthetic.json) ----------
+
+
+def _verified_copy(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    """A small folder laid out like ../shared/data/cifar100: files whose md5s only MANIFEST.json vouches for."""
+    folder = write_synthetic_cifar100(root, n_train, n_test, seed=0)
+    md5 = json.loads((folder / "synthetic.json").read_text())["md5"]
+    (folder / "synthetic.json").unlink()
+    (folder / "MANIFEST.json").write_text(json.dumps({"dataset": "test copy", "md5": md5}))
+    return root
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_verified_copy_loads_against_its_manifest_and_is_left_as_it_is(tmp_path):
+    root = _verified_copy(tmp_path / "copy")
+    before = _listing(root)
+    train, test = (load_cifar100(root, train=t) for t in (True, False))
+    assert isinstance(train, ManifestCIFAR100) and train.manifest == "MANIFEST.json"
+    assert (len(train), len(test), len(train.classes)) == (200, 100, 100) and train.data.shape == (200, 32, 32, 3)
+    assert len(build_test(DataConfig(root=str(root), val_size=0))) == 100
+    assert _listing(root) == before  # nothing written into the data folder
+    with pytest.raises(MicronetError, match="verified copy of the real data"):  # the writers refuse it
+        write_synthetic_cifar100(root, 200, 100, seed=0)
+    from micronet.data import ensure_dataset
+
+    with pytest.raises(MicronetError, match="verified copy of the real data"):  # so does a synthetic config's stage
+        ensure_dataset(DataConfig(root=str(root), synthetic={"train": 200, "test": 100}))
+    assert _listing(root) == before
+
+
+@pytest.mark.parametrize("manifest", ["MANIFEST.json", "synthetic.json"])
+@pytest.mark.parametrize("damaged", ["train", "meta"])
+def test_a_damaged_file_is_one_line_naming_it(tmp_path, manifest, damaged):
+    root = _verified_copy(tmp_path) if manifest == "MANIFEST.json" else tmp_path
+    if manifest == "synthetic.json":
+        write_synthetic_cifar100(root, 200, 100, seed=0)
+    folder = root / "cifar-100-python"
+    load_cifar100(root, train=True)  # hashed and remembered, then changed: the change is seen
+    path = folder / damaged
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a write, not the same tick
+    with pytest.raises(MicronetError) as e:
+        load_cifar100(root, train=True)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"CIFAR-100 at {folder.resolve()}: {damaged} does not match {manifest}")
+    assert hashlib.md5(bytes(data)).hexdigest() in line and "damaged" in line
+    if damaged == "train":  # the test split does not read the training file
+        assert len(load_cifar100(root, train=False)) == 100
+    path.unlink()
+    with pytest.raises(MicronetError, match=f"{damaged} is missing \\({manifest} lists it\\)"):
+        load_cifar100(root, train=True)
+
+
+def test_a_manifest_without_md5s_is_refused(tmp_path):
+    root = _verified_copy(tmp_path)
+    (root / "cifar-100-python" / "MANIFEST.json").write_text(json.dumps({"md5": {"train": "0" * 32}}))
+    with pytest.raises(MicronetError, match="MANIFEST.json has no \"md5\" entry for each of train, test, meta"):
+        load_cifar100(root, train=True)
+
+
+def test_a_stage_hashes_each_file_once(tmp_path, monkeypatch):
+    # torchvision hashes every file of the folder for each split it loads; train + val + test here hash each once.
+    from micronet.data import cifar
+
+    root = _verified_copy(tmp_path)
+    hashed: list[str] = []
+    real_hash = cifar._hash_file
+    monkeypatch.setattr(cifar, "_MD5_CACHE", {})
+    monkeypatch.setattr(cifar, "_hash_file", lambda path: hashed.append(path.name) or real_hash(path))
+    cfg = DataConfig(root=str(root), val_size=50)
+    splits = build_splits(cfg)
+    build_test(cfg)
+    assert len(splits.train) == 150 and len(splits.test) == 100
+    assert sorted(hashed) == ["meta", "test", "train"]
+
+
+def test_real_cifar100_loads_from_the_shared_copy(real_cifar100):
+    # ../shared/data/cifar100: the real data set, its md5s checked against its MANIFEST.json, not torchvision's.
+    train, test = (load_cifar100(real_cifar100, train=t) for t in (True, False))
+    assert isinstance(train, ManifestCIFAR100) and train.manifest == "MANIFEST.json"
+    assert (len(train), len(test)) == (50000, 10000) and train.data.shape == (50000, 32, 32, 3)
+    assert len(train.classes) == 100 and train.classes[:2] == ["apple", "aquarium_fish"]
+    assert np.bincount(train.targets, minlength=100).tolist() == [500] * 100
+    assert np.bincount(test.targets, minlength=100).tolist() == [100] * 100
 
 
 def test_digits_are_real_images_in_cifar100_format(tmp_path):

@@ -1,4 +1,5 @@
-"""Datasets: one module per dataset (torchvision formats, real or synthetic), one `build_splits` for all.
+"""Datasets: one module per dataset (torchvision formats: real, a verified copy, or synthetic), one `build_splits`
+for all.
 
 No DataLoaders here: the training module builds those (it knows the batch sizes and distribution)."""
 
@@ -12,8 +13,11 @@ from micronet.data.cifar import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     NUM_CLASSES,
-    SyntheticCIFAR100,
+    SYNTHETIC_MANIFEST,
+    VERIFIED_MANIFEST,
+    ManifestCIFAR100,
     build_transform,
+    cifar100_manifest,
     cifar100_splits,
     cifar100_test,
     ensure_cifar100,
@@ -38,11 +42,11 @@ from micronet.data.imagenet import (
 from micronet.data.splits import Splits, split_indices
 
 __all__ = [
-    "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Splits",
-    "SyntheticCIFAR100", "build_imagenet_transform", "build_splits", "build_test", "build_transform", "ensure_dataset",
-    "load_cifar100", "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest",
-    "synthetic_manifest", "write_digits_cifar100", "write_stand_in_cifar100", "write_synthetic_cifar100",
-    "write_synthetic_imagenet",
+    "BASE_FOLDER", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES",
+    "SYNTHETIC_MANIFEST", "Splits", "VERIFIED_MANIFEST", "ManifestCIFAR100", "build_imagenet_transform",
+    "build_splits", "build_test", "build_transform", "cifar100_manifest", "ensure_dataset", "load_cifar100",
+    "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest", "synthetic_manifest",
+    "write_digits_cifar100", "write_stand_in_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
 ]
 
 

@@ -1,6 +1,6 @@
-"""CIFAR-100: torchvision's loader (real or synthetic files), the seeded train/validation split, Wave's
-transforms, and a synthetic stand-in written in CIFAR-100's own on-disk format so every pipeline runs
-without the real data."""
+"""CIFAR-100: torchvision's loader (the original files, or a folder whose manifest records its own md5s: a verified
+copy or a stand-in written here), the seeded train/validation split, Wave's transforms, and a synthetic stand-in
+written in CIFAR-100's own on-disk format so every pipeline runs without the real data."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 NUM_CLASSES = 100
 BASE_FOLDER = CIFAR100.base_folder  # "cifar-100-python"
 SYNTHETIC_MANIFEST = "synthetic.json"  # marks a folder written here (write_cifar100_format), not the real files
+VERIFIED_MANIFEST = "MANIFEST.json"  # marks a verified copy of the real data whose md5s differ from the originals'
+MANIFESTS = (VERIFIED_MANIFEST, SYNTHETIC_MANIFEST)  # either one: check its md5s, not torchvision's
+FILES = ("train", "test", "meta")
 
 
 # --- transforms ----------------------------------------------------------------------------------------
@@ -87,19 +90,94 @@ def _affine(aug: AugmentConfig, size: int) -> list[Callable]:
 # --- datasets ------------------------------------------------------------------------------------------
 
 
-class SyntheticCIFAR100(CIFAR100):
-    """torchvision's CIFAR100, checking the md5s recorded by write_synthetic_cifar100 instead of the
-    real files' md5s (torchvision verifies them even with download=False). Parsing is torchvision's."""
+# (resolved path, size, mtime_ns) -> md5: a stage loads train and test (torchvision hashes every file per split),
+# and 180 MB of real data takes a noticeable while to hash, so each unchanged file is hashed once per process.
+_MD5_CACHE: dict[tuple[str, int, int], str] = {}
 
-    def __init__(self, root: str | Path, md5: dict[str, str], **kwargs) -> None:
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of `path`, remembered for as long as its size and modification time stay the same."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5_CACHE:
+        _MD5_CACHE[key] = _hash_file(path)
+    return _MD5_CACHE[key]
+
+
+class ManifestCIFAR100(CIFAR100):
+    """torchvision's CIFAR100 for a folder with a manifest (MANIFEST.json: a verified copy of the real data;
+    synthetic.json: a stand-in written here): checks the md5s the manifest records instead of the original
+    files' (torchvision verifies those even with download=False), each file once per process, and says which
+    file failed. Parsing is torchvision's."""
+
+    def __init__(self, root: str | Path, md5: dict[str, str], manifest: str = SYNTHETIC_MANIFEST,
+                 **kwargs) -> None:
         self.train_list = [["train", md5["train"]]]
         self.test_list = [["test", md5["test"]]]
         self.meta = {**CIFAR100.meta, "md5": md5["meta"]}
+        self.manifest = manifest
         super().__init__(root, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        """The split's file and meta (not every split, as torchvision does); a mismatch is one MicronetError line."""
+        split = self.train_list if self.train else self.test_list
+        for name, expected in [*split, [self.meta["filename"], self.meta["md5"]]]:
+            _verify(Path(self.root) / self.base_folder, name, expected, self.manifest)
+        return True
+
+    def _load_meta(self) -> None:
+        """torchvision's, without hashing meta again (`_check_integrity` did, just before)."""
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+def _verify(folder: Path, name: str, expected: str, manifest: str) -> None:
+    """One line naming the file, its md5 and what to do, rather than torchvision's "not found or corrupted"."""
+    folder = folder.resolve()
+    fix = ("copy the folder again from its source" if manifest == VERIFIED_MANIFEST else
+           f"it changed after it was written here; delete {folder} and write it again (`micronet data synth`, "
+           f"or a stage with data.synthetic set)")
+    path = folder / name
+    if not path.is_file():
+        raise MicronetError(f"CIFAR-100 at {folder}: {name} is missing ({manifest} lists it); {fix}")
+    got = file_md5(path)
+    if got != expected:
+        raise MicronetError(f"CIFAR-100 at {folder}: {name} does not match {manifest}'s md5 ({got}, expected "
+                            f"{expected}); the copy is damaged: {fix}")
+
+
+def cifar100_manifest(root: str | Path) -> Optional[tuple[str, dict]]:
+    """(file name, contents) of the manifest under root/cifar-100-python (MANIFEST.json before synthetic.json), or
+    None for the original files (or none). A manifest without md5s for train, test and meta is refused."""
+    folder = Path(root) / BASE_FOLDER
+    for name in MANIFESTS:
+        path = folder / name
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise MicronetError(f"CIFAR-100 at {folder.resolve()}: {name} is not readable JSON ({e})") from None
+            md5 = manifest.get("md5") if isinstance(manifest, dict) else None
+            if not isinstance(md5, dict) or any(not isinstance(md5.get(f), str) for f in FILES):
+                raise MicronetError(f"CIFAR-100 at {folder.resolve()}: {name} has no \"md5\" entry for each of "
+                                    f"{', '.join(FILES)}; it cannot vouch for the files")
+            return name, manifest
+    return None
 
 
 def synthetic_manifest(root: str | Path) -> Optional[dict]:
-    """The manifest of a synthetic dataset under root, or None for real (or absent) CIFAR-100."""
+    """The manifest of a stand-in written here under root (synthetic.json), or None for real (or absent)
+    CIFAR-100: what ensure_cifar100 compares with data.synthetic to decide whether to write it again."""
     path = Path(root) / BASE_FOLDER / SYNTHETIC_MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -107,12 +185,14 @@ def synthetic_manifest(root: str | Path) -> Optional[dict]:
 def load_cifar100(
     root: str | Path, train: bool, download: bool = False, transform: Optional[Callable] = None
 ) -> CIFAR100:
-    """CIFAR-100 from `root/cifar-100-python/{train,test,meta}` (torchvision's layout), real or synthetic."""
+    """CIFAR-100 from `root/cifar-100-python/{train,test,meta}` (torchvision's layout): checked against its
+    manifest's md5s where it has one (a verified copy, or a stand-in written here), else torchvision's."""
     root = untracked_input(root)
-    manifest = synthetic_manifest(root)
+    found = cifar100_manifest(root)
     try:
-        if manifest is not None:
-            return SyntheticCIFAR100(root, manifest["md5"], train=train, transform=transform)
+        if found is not None:
+            name, manifest = found
+            return ManifestCIFAR100(root, manifest["md5"], name, train=train, transform=transform)
         return CIFAR100(root, train=train, transform=transform, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted" (missing file or md5 mismatch)
         raise _not_usable(root) from None
@@ -259,6 +339,9 @@ def write_cifar100_format(out: Path, splits: dict[str, tuple[np.ndarray, np.ndar
     fine class names, plus a manifest (`manifest` and the files' md5s) that marks the folder as written here;
     returns that folder. Refuses a folder that holds other data (no manifest)."""
     folder = Path(out) / BASE_FOLDER
+    if (folder / VERIFIED_MANIFEST).exists():
+        raise MicronetError(f"{folder} holds a verified copy of the real data ({VERIFIED_MANIFEST}); not overwriting "
+                            f"it: point data.root (or --out) somewhere else for a stand-in")
     if folder.exists() and synthetic_manifest(out) is None and any(folder.iterdir()):
         raise MicronetError(f"{folder} holds data that is not synthetic (no {SYNTHETIC_MANIFEST}); not overwriting it")
     folder.mkdir(parents=True, exist_ok=True)
