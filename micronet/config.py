@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -323,7 +323,15 @@ class SparsifyConfig(Section):
 
 class QuantizeConfig(Section):
     enabled: bool = True
-    weight_bits: int = Field(9, ge=2, le=32)
+    weight_bits: int = Field(9, ge=2, le=32, description="weight bits of every conv/linear/BN not in layer_bits")
+    layer_bits: dict[str, Annotated[int, Field(ge=2, le=32)]] = Field(
+        default_factory=dict, description="weight bits by module name pattern (fnmatch, first match wins), e.g. "
+        "{'layers.*.conv2': 12} for KAIST's depthwise convs: they hold few weights, so more bits cost little score"
+    )
+    exponents: Literal["per_tensor", "per_channel"] = Field(
+        "per_tensor", description="power-of-two exponents of conv/linear weights: one per tensor (Wave) or one per "
+        "output channel (8 bits each, counted); biases and BN affines keep one per tensor"
+    )
     activation_bits: int = Field(12, ge=2, le=32)
     fold_bn: bool = True
     range: Literal["sigmamax", "max"] = "sigmamax"
@@ -437,6 +445,21 @@ class Params(Section):
                                 "their select: test")
         return problems
 
+    def mixing_batch_problems(self) -> list[str]:
+        """mixup/CutMix pair a batch's images (timm), so each process's batch must be even; quantize fine-tunes in
+        one process. Switched-off stages are checked too: switching one on should not be the first run to fail."""
+        problems = []
+        for key, recipe in self.recipes().items():
+            if recipe.mixing.kind == "none":
+                continue
+            processes = 1 if key.startswith("quantize.") else self.distributed.nproc_per_node
+            batch = recipe.batch_size or self.data.batch_size
+            if max(1, batch // processes) % 2:
+                problems.append(f"key '{key}.mixing.kind' = '{recipe.mixing.kind}': mixup/CutMix need an even batch "
+                                f"per process, and {batch} over {processes} process(es) is odd: make "
+                                f"data.batch_size (or {key}.batch_size) even")
+        return problems
+
     def training(self, section: str = "train") -> TrainConfig:
         """The training section a stage runs: `train`, or an extra one such as `train_b0`."""
         if section == "train":
@@ -535,7 +558,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
             problems += [_describe(e, key) for e in exc.errors()]
     if not problems:
         params._sections = sections
-        problems = params.selection_problems()
+        problems = params.selection_problems() + params.mixing_batch_problems()
     if problems:
         raise MicronetError(f"{path}: {'; '.join(problems)}")
     return params
