@@ -201,10 +201,15 @@ class FactorizedLayer(Strict):
 
 
 class QuantizationSpec(Strict):
+    """`weight_bits` is the default width; `layer_weight_bits` the width of every quantized layer (absent in
+    checkpoints written before per-layer widths, where every layer has the default)."""
+
     weight_bits: Bits
     activation_bits: Bits
     folded: list[tuple[str, str]]
     weight_layers: list[str]
+    layer_weight_bits: Optional[dict[str, Bits]] = None
+    weight_exponents: Literal["per_tensor", "per_channel"] = "per_tensor"
     activation_layers: list[str]
 
 

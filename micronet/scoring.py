@@ -16,7 +16,7 @@ Conventions this module fixes (the rules leave them open):
   accumulators; data movement and comparison-only ops (ReLU, ReLU6/clamp, max pool) keep their input's
   width; an activation quantizer (a module with an int `activation_bits`) sets it and costs one shift
   per element. Each quantized tensor (weight or bias of a `weight_bits` module, each quantizer) stores
-  one 8-bit exponent.
+  one 8-bit exponent, or as many as its `<name>_exponent` buffer holds (one per output channel).
 - A transcendental (the square root of a norm) is one op, counted as a multiply, as the reference
   counter counts ReLU, so it takes the freebie and the multiply bit width.
 - A 2-norm of R elements costs R mults (squares) + 1 mult (sqrt) and R - 1 adds per norm;
@@ -45,7 +45,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "imagenet": {"params_ref": 6.9e6, "ops_ref": 1170e6, "gate": (37500, 50000)},
 }
 
-EXPONENT_BITS = 8  # one shared power-of-two exponent per quantized tensor ("anything needed at inference")
+EXPONENT_BITS = 8  # each stored power-of-two exponent (one per tensor, or per output channel) ("anything needed at inference")
 
 
 def _task(task: str) -> dict[str, Any]:
@@ -160,12 +160,12 @@ class _Store:
     nnz: int
     bits: float
     masked: bool = False
-    exponent: bool = False
+    exponents: int = 0  # power-of-two exponents stored with it (one per tensor, or one per output channel)
 
     def bits_total(self) -> float:
         mask = self.numel if self.masked and self.nnz < self.numel else 0
         values = (self.nnz if mask else self.numel) * self.bits
-        return values + mask + (EXPONENT_BITS if self.exponent else 0)
+        return values + mask + EXPONENT_BITS * self.exponents
 
 
 @dataclass
@@ -284,9 +284,13 @@ class _Tracer(TorchFunctionMode):
         # A leaf names its own rows; activation quantizers hooked onto a layer don't make it a container.
         self.leaves = {id(m) for m in model.modules() if all(self._is_quantizer(c) for c in m.children())}
         self.owner: dict[int, nn.Module] = {}
+        self.exponent_count: dict[int, int] = {}  # quantized parameter -> exponents stored (its `_exponent` buffer)
         for m in model.modules():
-            for p in m.parameters(recurse=False):
+            for pname, p in m.named_parameters(recurse=False):
                 self.owner.setdefault(id(p), m)
+                exponent = m._buffers.get(pname + "_exponent")
+                if exponent is not None:
+                    self.exponent_count[id(p)] = exponent.numel()
             for b in m.buffers(recurse=False):
                 self.owner.setdefault(id(b), m)
 
@@ -407,11 +411,15 @@ class _Tracer(TorchFunctionMode):
         b = max(self._bits(t) for t in tensors)
         return b, b
 
-    def _store(self, t: torch.Tensor, bits: float, masked: bool = False, exponent: bool = False) -> _Store:
+    def _exponents(self, t: Optional[torch.Tensor], quantized: bool) -> int:
+        """Exponents stored with a quantized tensor: its `_exponent` buffer's size, else one shared exponent."""
+        return self.exponent_count.get(id(t), 1) if quantized else 0
+
+    def _store(self, t: torch.Tensor, bits: float, masked: bool = False, quantized: bool = False) -> _Store:
         self.keep.append(t)
         numel = t.numel()
         nnz = int(torch.count_nonzero(t)) if masked else numel
-        return _Store(id(t), numel, nnz, bits, masked, exponent)
+        return _Store(id(t), numel, nnz, bits, masked, self._exponents(t, quantized))
 
     def _statics(self, inputs: list[torch.Tensor]) -> list[_Store]:
         """Storage for static tensors an elementwise op reads (e.g. a learned scale); never masked."""
@@ -419,7 +427,7 @@ class _Tracer(TorchFunctionMode):
         for t in inputs:
             if t not in self.info:
                 bits, quant = self._weight_bits(t)
-                stores.append(self._store(t, bits, exponent=quant))
+                stores.append(self._store(t, bits, quantized=quant))
         return stores
 
     # -- op handlers --------------------------------------------------------------------------
@@ -437,9 +445,9 @@ class _Tracer(TorchFunctionMode):
         n = out.numel()
         w_bits, w_quant = self._weight_bits(w)
         mult_bits = max(self.info[x].bits, w_bits) if self.quantized else self.mult_default
-        storage = [self._store(w, w_bits, masked=True, exponent=w_quant)]
+        storage = [self._store(w, w_bits, masked=True, quantized=w_quant)]
         if bias is not None:
-            storage.append(self._store(bias, w_bits, exponent=w_quant))
+            storage.append(self._store(bias, w_bits, quantized=w_quant))
         row = _Row(
             name=self._row_name("conv" if name.startswith("conv") else "linear"),
             kind="conv" if name.startswith("conv") else "linear",
@@ -468,9 +476,10 @@ class _Tracer(TorchFunctionMode):
         bits, quant = self._weight_bits(gamma if gamma is not None else running_mean)
         # gamma and beta (running stats fold into them); keyed by the tensors so a shared BN counts once
         storage = [
-            _Store(id(gamma if gamma is not None else running_mean), channels, channels, bits, exponent=quant),
+            _Store(id(gamma if gamma is not None else running_mean), channels, channels, bits,
+                   exponents=self._exponents(gamma, quant)),
             _Store(id(beta) if beta is not None else ("beta", id(running_mean)), channels, channels, bits,
-                   exponent=quant),
+                   exponents=self._exponents(beta, quant)),
         ]
         self.keep += [t for t in (gamma, beta, running_mean) if t is not None]
         mult_bits, add_bits = self._op_bits([x, running_mean] + ([gamma] if gamma is not None else []))
@@ -635,7 +644,7 @@ class _Tracer(TorchFunctionMode):
                     self._consume([x])
                     n = outs[0].numel()
                     bits = self.info[x].bits
-                    exponent = _Store(("exponent", id(module)), 0, 0, 0.0, exponent=True)
+                    exponent = _Store(("exponent", id(module)), 0, 0, 0.0, exponents=1)
                     row = _Row(self._row_name("requant"), "requant", tuple(x.shape), tuple(outs[0].shape),
                                float(n), 0.0, bits, bits, storage=[exponent])
                     index = self._add_row(row, None)
@@ -686,7 +695,7 @@ class _Tracer(TorchFunctionMode):
                 n = math.prod(src.output_shape)
                 src.adds += n
                 src.storage.append(_Store(("folded_bias", id(r)), channels, channels, src.bias_bits,
-                                          exponent=src.bias_quantized))
+                                          exponents=int(src.bias_quantized)))
 
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(layer, BN) module names of the folds, where both are modules called exactly once."""

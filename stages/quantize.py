@@ -57,7 +57,7 @@ def quantize_command(
     example = calibration_set[0][0][None].to(runtime.device)
     info = quantize_model(
         model, pairs, calibration, weight_bits=cfg.weight_bits, activation_bits=cfg.activation_bits,
-        method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
+        layer_bits=cfg.layer_bits, per_channel=cfg.exponents == "per_channel", method=cfg.range, weight_sigmas=cfg.weight_sigmas, activation_sigmas=cfg.activation_sigmas,
         momentum=cfg.momentum, points=cfg.activation_points, example=example,
     )
     quantized = predictions(model, loader, runtime.device)[0]
@@ -74,7 +74,7 @@ def quantize_command(
     with stage_run("quantize", params, params_path) as track:
         track.log_params({"quantize": cfg.model_dump()})
         if cfg.finetune is not None:
-            qat = QuantizationAware(model, info["weight_exponents"], cfg.weight_bits)
+            qat = QuantizationAware(model)
             resume = runner.resume_file(output)
             recipe = cfg.finetune.model_copy(update={"precision": "fp32"})  # bf16 would blur the grid
             runner.tag_selection(track, [cfg.finetune], params)

@@ -1,8 +1,11 @@
 """Structured pruning, sparsity and quantization on toy PyramidNets."""
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 import pytest
 
 from micronet.checkpoint import atomic_save, load_model, make_checkpoint, safe_load
@@ -293,6 +296,68 @@ def test_quantized_checkpoint_round_trips_and_the_counter_reads_its_bits(tmp_pat
     assert convs and all(r.bits == 12 for r in convs[1:])  # max(9-bit weights, 12-bit activations)
 
 
+def test_wave_range_corner_cases_one_element_zeros_and_constants():
+    """Wave's SigmaMax gives a single value std = 1e-15 * |mean| (not NaN), so it is bounded by itself: 3.7 at 9 bits
+    takes exponent 9-1-2 = 6 and stays 237/64 = 3.703125 (a NaN bound would clamp it to 255/256). All zeros: any
+    exponent keeps them zero; a constant tensor (std 0) is bounded by |mean| and kept to the grid's precision."""
+    from micronet.compression.quantize import range_bound, weight_exponent
+
+    one = torch.tensor([[[[3.7]]]])
+    assert range_bound(one, "sigmamax", 10.0) == pytest.approx(3.7)
+    e = weight_exponent(one, 9, "sigmamax", 10.0, per_channel=False)
+    assert int(e) == 6 and quantize_tensor(one, 9, e).item() == 3.703125
+    assert quantize_tensor(one, 9, weight_exponent(one, 9, "sigmamax", 10.0, per_channel=True)).item() == 3.703125
+    zeros = torch.zeros(4, 3)
+    assert int(weight_exponent(zeros, 9, "sigmamax", 10.0, False)) == 8
+    assert torch.equal(quantize_tensor(zeros, 9, weight_exponent(zeros, 9, "sigmamax", 10.0, True)), zeros)
+    constant = torch.full((2, 5), -0.3)  # bound 0.3 -> ceil(log2 0.3) = -1 -> exponent 9; -0.3 * 512 = -153.6
+    e = weight_exponent(constant, 9, "sigmamax", 10.0, per_channel=True)
+    assert e.tolist() == [9, 9] and torch.equal(quantize_tensor(constant, 9, e), torch.full((2, 5), -154 / 512))
+
+
+def test_per_channel_exponents_and_per_layer_bits_are_stored_counted_and_reloaded(tmp_path):
+    """One exponent per output channel: each channel on its own grid (a channel of small weights keeps its
+    precision beside one of large weights), each exponent stored as a buffer and charged 8 bits by the counter;
+    layer_bits patterns give a layer its own width, which the checkpoint states and the counter charges."""
+    from micronet.compression.quantize import ActivationQuantizer, QuantizationAware, channel_bounds
+    from micronet.scoring import EXPONENT_BITS, count
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    with torch.no_grad():
+        model[0].weight[0].mul_(100.0)  # channel 0 two orders of magnitude above the others
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(8, 3, 8, 8)
+    info = quantize_model(model, [], [x], weight_bits=6, activation_bits=8, layer_bits={"2": 10},
+                          per_channel=True)
+    spec = info["spec"]
+    assert spec["layer_weight_bits"] == {"0": 6, "2": 10, "6": 6} and spec["weight_exponents"] == "per_channel"
+    e0 = model[0].weight_exponent
+    assert e0.shape == (4,) and e0.tolist() == [6 - 1 - math.ceil(math.log2(b)) for b in
+                                                channel_bounds(original["0.weight"], "sigmamax", 10.0).tolist()]
+    assert e0[1] > e0[0] + 5  # the small channels got finer grids
+    for i in range(4):
+        assert torch.equal(model[0].weight[i], quantize_tensor(original["0.weight"][i], 6, int(e0[i])))
+    assert model[2].weight_bits == 10 and model[0].bias_exponent.dim() == 0  # biases: one exponent
+    counted = count(model, (3, 8, 8))
+    by_kind = {r.kind: r for r in counted.layers}
+    for row, name in zip([r for r in counted.layers if r.kind in ("conv", "linear")], ("0", "2", "6")):
+        layer, bits = model.get_submodule(name), spec["layer_weight_bits"][name]
+        w, nnz = layer.weight, int(torch.count_nonzero(layer.weight))  # rounding may zero small weights: masked
+        weight = nnz * bits + (w.numel() if nnz < w.numel() else 0) + EXPONENT_BITS * w.shape[0]
+        bias = layer.bias.numel() * bits + EXPONENT_BITS
+        assert row.param_bits == weight + bias, (name, row)
+    assert by_kind["linear"].bits == 8  # max(6-bit weights, 8-bit activations)
+    path = tmp_path / "q.pt"
+    atomic_save(make_checkpoint(model, "tiny", {}), path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["quantization"]["layer_weight_bits"]["2"] == 10 and "0.weight_exponent" in ckpt["state_dict"]
+    qat = QuantizationAware(model)  # fine-tunes on the same per-channel grids
+    assert torch.equal(qat(x), model(x))
+    assert sum(isinstance(m, ActivationQuantizer) for m in model.modules()) >= 5
+
+
 def test_wave_activation_points_keep_every_op_at_the_activation_bits():
     """Wave quantizes after every leaf module and the input; with the residual sums quantized too, no arithmetic
     op of the PyramidNet runs above 12 bits except the 32-bit accumulators the rules require: conv/linear adds,
@@ -356,7 +421,7 @@ def test_quantization_aware_finetuning_lowers_the_loss_on_the_grid_with_masks_ke
     assert info["spec"]["folded"] == [["0", "1"]]
     exponents = [int(m.exponent) for m in model.modules() if isinstance(m, ActivationQuantizer)]
     before = evaluate(model, loader, cpu).loss
-    qat = QuantizationAware(model, info["weight_exponents"], 6)
+    qat = QuantizationAware(model)
     fit(qat, data, None, OptimConfig(epochs=8, lr=0.1, weight_decay=0.0), cpu, batch_size=16,
         masks=qat.masks(masks))
     assert not model[3].training  # the unfoldable BN never used batch statistics

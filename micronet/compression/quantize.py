@@ -17,6 +17,7 @@ exponents stay the ones calibration chose (weights and activations alike: frozen
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
 from typing import Any, Iterable, Optional
@@ -40,11 +41,36 @@ def power_of_two_exponent(bound: float, bits: int) -> int:
     return bits - 1 - math.ceil(math.log2(bound))
 
 
-def quantize_tensor(x: torch.Tensor, bits: int, exponent: int) -> torch.Tensor:
+def power_of_two_exponents(bounds: torch.Tensor, bits: int) -> torch.Tensor:
+    """power_of_two_exponent of each bound (int64, same shape), computed in float64 like the scalar one."""
+    b = bounds.detach().double()
+    usable = torch.isfinite(b) & (b > 0)
+    e = bits - 1 - torch.ceil(torch.log2(torch.where(usable, b, torch.ones_like(b))))
+    return torch.where(usable, e, torch.full_like(b, bits - 1)).to(torch.int64)
+
+
+def quantize_tensor(x: torch.Tensor, bits: int, exponent: int | torch.Tensor) -> torch.Tensor:
     """x on the b-bit grid of step 2^-e (round half to even); the gradient is straight through inside the range
-    and zero where x is clamped."""
+    and zero where x is clamped. `exponent`: an int, a 0-d tensor (no host sync: the kernel takes the scale as
+    a tensor), or one exponent per output channel (dim 0)."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.fake_quantize_per_tensor_affine(x.float(), 2.0**-exponent, 0, low, high).to(x.dtype)
+    if not isinstance(exponent, torch.Tensor):
+        return torch.fake_quantize_per_tensor_affine(x.float(), 2.0**-exponent, 0, low, high).to(x.dtype)
+    scale = torch.exp2(-exponent.to(device=x.device, dtype=torch.float32))
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    if exponent.dim() == 0:
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, low, high).to(x.dtype)
+    return torch.fake_quantize_per_channel_affine(x.float(), scale, zero, 0, low, high).to(x.dtype)
+
+
+def _mean_std(x: torch.Tensor, dim: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (sample) std; a single value gets Wave's std = 1e-15 * |mean| (their `Quantization/` code), so
+    its bound is the value itself and not NaN."""
+    n = x.numel() if dim is None else x.shape[dim]
+    mean = x.mean() if dim is None else x.mean(dim)
+    if n == 1:
+        return mean, 1e-15 * mean.abs()
+    return mean, (x.std() if dim is None else x.std(dim))
 
 
 def range_bound(x: torch.Tensor, method: str, sigmas: float) -> float:
@@ -52,7 +78,25 @@ def range_bound(x: torch.Tensor, method: str, sigmas: float) -> float:
     x = x.detach().float()
     if method == "max":
         return float(x.abs().max())
-    return float(x.mean().abs() + sigmas * x.std())
+    mean, std = _mean_std(x, None)
+    return float(mean.abs() + sigmas * std)
+
+
+def channel_bounds(w: torch.Tensor, method: str, sigmas: float) -> torch.Tensor:
+    """range_bound of each output channel (dim 0) of a weight tensor."""
+    rows = w.detach().float().flatten(1)
+    if method == "max":
+        return rows.abs().amax(1)
+    mean, std = _mean_std(rows, 1)
+    return mean.abs() + sigmas * std
+
+
+def weight_exponent(p: torch.Tensor, bits: int, method: str, sigmas: float, per_channel: bool) -> torch.Tensor:
+    """The exponent(s) a parameter is stored with: one per output channel for conv/linear weights when
+    `per_channel`, else one for the tensor (biases and BN affines always)."""
+    if per_channel and p.dim() >= 2:
+        return power_of_two_exponents(channel_bounds(p, method, sigmas), bits)
+    return torch.tensor(power_of_two_exponent(range_bound(p, method, sigmas), bits), dtype=torch.int64)
 
 
 class ActivationQuantizer(nn.Module):
@@ -74,7 +118,7 @@ class ActivationQuantizer(nn.Module):
         if self.calibrating:
             self._observe(x)
             self.exponent.fill_(power_of_two_exponent(self.bound(), self.activation_bits))
-        return quantize_tensor(x, self.activation_bits, int(self.exponent))
+        return quantize_tensor(x, self.activation_bits, self.exponent)
 
     def _observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -145,18 +189,43 @@ def fold_batchnorms(model: nn.Module, pairs: Iterable[tuple[str, str]]) -> list[
 # ---- whole-model quantization --------------------------------------------------------------------------------
 
 
+EXPONENT_SUFFIX = "_exponent"  # `weight_exponent`, `bias_exponent`: buffers beside the parameters they scale
+
+
+def layer_weight_bits(names: Iterable[str], default: int, patterns: dict[str, int]) -> dict[str, int]:
+    """Bits per layer: the first `patterns` entry (fnmatch over the module name, e.g. "layers.*.conv2") that
+    matches, else `default`."""
+    return {name: next((b for pat, b in patterns.items() if fnmatch.fnmatchcase(name, pat)), default)
+            for name in names}
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+
+
+def _register_exponent(module: nn.Module, pname: str, exponent: torch.Tensor) -> None:
+    """The stored exponent(s) of parameter `pname`: in the state_dict, read by the counter (8 bits each)."""
+    key = pname + EXPONENT_SUFFIX
+    if key in module._buffers:
+        module._buffers[key] = exponent
+    else:
+        module.register_buffer(key, exponent)
+
+
 @torch.no_grad()
-def quantize_weights(model: nn.Module, bits: int, method: str = "sigmamax", sigmas: float = 10.0) -> dict[str, int]:
-    """Round every parameter of every conv/linear/BN in place; returns the exponent chosen per tensor."""
-    exponents: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, QUANTIZED_LAYERS):
-            continue
+def quantize_weights(model: nn.Module, bits: dict[str, int], method: str = "sigmamax", sigmas: float = 10.0,
+                     per_channel: bool = False) -> dict[str, torch.Tensor]:
+    """Round every parameter of the layers in `bits` (name -> weight bits) in place; returns the exponent(s)
+    chosen per parameter, also kept as `<param>_exponent` buffers on the layer."""
+    exponents: dict[str, torch.Tensor] = {}
+    for name, layer_bits in bits.items():
+        module = model.get_submodule(name)
         for pname, p in module.named_parameters(recurse=False):
-            exponent = power_of_two_exponent(range_bound(p, method, sigmas), bits)
-            p.copy_(quantize_tensor(p, bits, exponent))
+            exponent = weight_exponent(p, layer_bits, method, sigmas, per_channel).to(p.device)
+            p.copy_(quantize_tensor(p, layer_bits, exponent))
+            _register_exponent(module, pname, exponent)
             exponents[f"{name}.{pname}" if name else pname] = exponent
-        module.weight_bits = bits
+        module.weight_bits = layer_bits
     return exponents
 
 
@@ -239,14 +308,22 @@ def quantization_spec(model: nn.Module) -> Optional[dict[str, Any]]:
 
 
 def apply_quantization_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Recreate folded biases, affine BNs, bit widths and quantizers so a saved state_dict loads strictly."""
+    """Recreate folded biases, affine BNs, bit widths, exponent buffers and quantizers so a saved state_dict loads
+    strictly. A spec without `layer_weight_bits` (older checkpoints) has one width and no exponent buffers."""
     for layer_name, bn_name in spec["folded"]:
         layer = model.get_submodule(layer_name)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
         replace_module(model, bn_name, nn.Identity())
+    per_layer = spec.get("layer_weight_bits")
+    per_channel = spec.get("weight_exponents") == "per_channel"
     for name in spec["weight_layers"]:
-        model.get_submodule(name).weight_bits = spec["weight_bits"]
+        module = model.get_submodule(name)
+        module.weight_bits = per_layer[name] if per_layer else spec["weight_bits"]
+        if per_layer:
+            for pname, p in module.named_parameters(recurse=False):
+                shape = (p.shape[0],) if per_channel and p.dim() >= 2 else ()
+                _register_exponent(module, pname, torch.zeros(shape, dtype=torch.int64))
     add_activation_quantizers(model, spec["activation_layers"], spec["activation_bits"])
     model._quantization_spec = spec
     return model
@@ -259,6 +336,8 @@ def quantize_model(
     *,
     weight_bits: int,
     activation_bits: int,
+    layer_bits: Optional[dict[str, int]] = None,
+    per_channel: bool = False,
     method: str = "sigmamax",
     weight_sigmas: float = 10.0,
     activation_sigmas: float = 18.0,
@@ -267,14 +346,16 @@ def quantize_model(
     example: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """Post-training quantization (no retraining), in the Wave order: fold BN, round weights, calibrate.
+    `layer_bits`: {module-name pattern: weight bits} over the default `weight_bits`; `per_channel`: one exponent
+    per output channel of each conv/linear weight (Wave: one per tensor).
     `points`: every_op (Wave; found with `example`, default the first calibration image) or layers."""
     model.eval()
     folded = fold_batchnorms(model, fold_pairs)
     for m in model.modules():
         if isinstance(m, BatchNorm):
             batchnorm_to_affine(m)
-    exponents = quantize_weights(model, weight_bits, method, weight_sigmas)
-    weight_layers = [n for n, m in model.named_modules() if hasattr(m, "weight_bits")]
+    bits = layer_weight_bits(quantized_layers(model), weight_bits, layer_bits or {})
+    exponents = quantize_weights(model, bits, method, weight_sigmas, per_channel)
     if points == "every_op":
         if example is None:  # one example from the first calibration batch finds the computed outputs
             batches = iter(calibration_batches)
@@ -294,7 +375,9 @@ def quantize_model(
         "weight_bits": weight_bits,
         "activation_bits": activation_bits,
         "folded": folded,
-        "weight_layers": weight_layers,
+        "weight_layers": list(bits),
+        "layer_weight_bits": bits,
+        "weight_exponents": "per_channel" if per_channel else "per_tensor",
         "activation_layers": names,
     }
     model._quantization_spec = spec
@@ -306,27 +389,33 @@ def quantize_model(
 
 class WeightQuantizer(nn.Module):
     """A parametrization: the layer computes with its parameter on the grid, the optimizer moves the float value
-    underneath (straight-through gradient). The exponent is the one post-training quantization chose."""
+    underneath (straight-through gradient). The exponent(s) are the ones post-training quantization chose."""
 
-    def __init__(self, bits: int, exponent: int):
+    def __init__(self, bits: int, exponent: torch.Tensor):
         super().__init__()
-        self.bits, self.exponent = int(bits), int(exponent)
+        self.bits = int(bits)
+        self.register_buffer("exponent", exponent.detach().clone(), persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return quantize_tensor(w, self.bits, self.exponent)
 
 
 class QuantizationAware(nn.Module):
-    """What the one training loop fine-tunes: the quantized net, weights behind `WeightQuantizer`s, activation
-    quantizers at their calibrated exponents. train() leaves every BatchNorm in eval mode: after quantization a BN
-    is folded away or is the fixed affine map its statistics gave, never batch statistics again."""
+    """What the one training loop fine-tunes: the quantized net, weights behind `WeightQuantizer`s (each layer's
+    bits and stored exponents), activation quantizers at their calibrated exponents. train() leaves every BatchNorm
+    in eval mode: after quantization a BN is folded away or is the fixed affine map its statistics gave, never batch
+    statistics again."""
 
-    def __init__(self, net: nn.Module, exponents: dict[str, int], bits: int):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        for key, exponent in exponents.items():
-            layer, _, name = key.rpartition(".")
-            parametrize.register_parametrization(net.get_submodule(layer), name, WeightQuantizer(bits, exponent))
+        for module in list(net.modules()):
+            bits = getattr(module, "weight_bits", None)
+            if bits is None:
+                continue
+            for pname, _ in list(module.named_parameters(recurse=False)):
+                exponent = module.get_buffer(pname + EXPONENT_SUFFIX)
+                parametrize.register_parametrization(module, pname, WeightQuantizer(bits, exponent))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
