@@ -68,22 +68,28 @@ def digits_split_problem(n_train: int, n_test: int) -> Optional[str]:
 
 class SynthConfig(Section):
     """A stand-in data set in the real on-disk format, for runs without the real data (toy pipelines, tests).
-    CIFAR-100: `train`/`test` images, generated (`source: synthetic`) or drawn from scikit-learn's digits
-    (`source: digits`: real images, 10 classes, 1,797 in all, to show a recipe learns). ImageNet: `train`/`test`
-    JPEGs per class (test = the val folder) of `classes` classes, `size` pixels square."""
+    CIFAR-100: `train`/`test` images, generated (`source: synthetic`), drawn from scikit-learn's digits
+    (`source: digits`: real images, 10 classes, 1,797 in all, to show a recipe learns) or a fixed slice of a real
+    CIFAR-100 copy (`source: cifar100`: the first `train`/`test` images, in file order, of its first `classes`
+    classes). ImageNet: `train`/`test` JPEGs per class (test = the val folder) of `classes` classes, `size` pixels
+    square."""
 
-    source: Literal["synthetic", "digits"] = Field(
+    source: Literal["synthetic", "digits", "cifar100"] = Field(
         "synthetic", description="cifar100 only. synthetic: generated patterns; digits: scikit-learn's handwritten "
-        "digits upscaled to 32x32 (labels 0-9), a seeded stratified train/test split")
+        "digits upscaled to 32x32 (labels 0-9), a seeded stratified train/test split; cifar100: a slice of the real "
+        "copy at `copy_of`")
     train: int = Field(2000, ge=1)
     test: int = Field(500, ge=1)
     seed: int = 0
-    classes: int = Field(10, ge=2, description="imagenet only")
+    classes: int = Field(10, ge=2, le=1000, description="imagenet, and the cifar100 source: how many classes")
     size: int = Field(64, ge=16, description="imagenet only: side of the written JPEGs")
+    copy_of: Optional[str] = Field(None, description="source cifar100: data.root of the real copy to slice")
 
     @model_validator(mode="after")
-    def _digits_fit(self) -> "SynthConfig":
+    def _source_fits(self) -> "SynthConfig":
         problem = digits_split_problem(self.train, self.test) if self.source == "digits" else None
+        if self.source == "cifar100" and (self.copy_of is None or self.classes > 100):
+            problem = "source cifar100 needs copy_of (the real copy's data.root) and at most 100 classes"
         if problem:
             raise ValueError(problem)
         return self

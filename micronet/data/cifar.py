@@ -219,6 +219,8 @@ def ensure_cifar100(cfg: DataConfig) -> None:
         synth = cfg.synthetic
         manifest = synthetic_manifest(root) or {}
         wanted = {"source": synth.source, "seed": synth.seed, "n_train": synth.train, "n_test": synth.test}
+        if synth.source == "cifar100":
+            wanted.update(classes=synth.classes, copy_of=str(untracked_input(synth.copy_of).resolve()))
         if any(manifest.get(k, "synthetic" if k == "source" else None) != v for k, v in wanted.items()):
             write_stand_in_cifar100(root, synth)
         return
@@ -326,6 +328,9 @@ def write_synthetic_cifar100(out: Path, n_train: int, n_test: int, seed: int) ->
 
 def write_stand_in_cifar100(out: Path, synth: SynthConfig) -> Path:
     """Write what `synth` describes (generated patterns, or scikit-learn's digits) to `out/cifar-100-python/`."""
+    if synth.source == "cifar100":
+        return write_cifar100_slice(out, untracked_input(synth.copy_of), synth.classes, synth.train, synth.test,
+                                    synth.seed)
     if synth.source == "digits":
         from micronet.data.digits import write_digits_cifar100
 
@@ -361,3 +366,23 @@ def write_cifar100_format(out: Path, splits: dict[str, tuple[np.ndarray, np.ndar
     })
     (folder / SYNTHETIC_MANIFEST).write_text(json.dumps({**manifest, "md5": md5}, indent=2) + "\n")
     return folder
+
+
+def write_cifar100_slice(out: Path, copy_of: Path, classes: int, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """A fixed slice of a real CIFAR-100 copy (verified on reading): the first `n_train` training and `n_test` test
+    images, in file order, whose fine label is below `classes` (labels and pixels unchanged), for tests and toy
+    runs on real images that take seconds. With 100 classes the test file is the first `n_test` images of the
+    real test split, so a net's accuracy there is a slice of its full-split figure."""
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        ds = load_cifar100(copy_of, train=split == "train")
+        labels = np.asarray(ds.targets)
+        idx = np.flatnonzero(labels < classes)[:n]
+        if len(idx) < n:
+            raise MicronetError(f"{copy_of}: its {split} split has {len(idx)} images of the first {classes} classes, "
+                                f"fewer than the {n} asked for")
+        splits[split] = (labels[idx], ds.data[idx].transpose(0, 3, 1, 2).reshape(len(idx), 3072))
+    names = list(load_cifar100(copy_of, train=False).classes)
+    manifest = {"source": "cifar100", "synthetic": False, "seed": seed, "n_train": n_train, "n_test": n_test,
+                "classes": classes, "copy_of": str(Path(copy_of).resolve())}
+    return write_cifar100_format(out, splits, names, manifest)
