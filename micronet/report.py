@@ -28,7 +28,8 @@ from micronet.errors import MicronetError
 from micronet.plots import figure, save
 from micronet.scoring import TASKS
 from micronet.tracking import (
-    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, SELECT_TAG, SELECTED_ON_TEST,
+    MODEL_NAME_TAG, MODEL_VERSION_TAG, PIPELINE_RUN_TAG, PIPELINE_TAG, QUALIFIES_TAG, RELEASED_TAG, SELECT_TAG,
+    SELECTED_ON_TEST,
     ensure_experiment, tracking_uri,
 )
 
@@ -60,6 +61,8 @@ class PublishedEntry(_Strict):
     ops_unit: Literal["ops", "MACs"] = "ops"
     score: float = Field(gt=0, description="the team's own score")
     leaderboard: Optional[float] = Field(None, gt=0, description="the score on the final leaderboard")
+    release: Optional[str] = Field(None, description="file name of the team's released checkpoint of this entry: "
+                                   "runs that scored it as imported are its \"re-measured here\" figures")
     notes: str = ""
 
 
@@ -143,6 +146,7 @@ class PipelineRun:
     experiment_id: str = ""
     model: Optional[tuple[str, str]] = None  # (registered model name, version) the score stage registered
     selected_on_test: bool = False  # a stage kept its best epoch on the test split (select: test)
+    released: Optional[str] = None  # the released file this run scored as it was imported (no stage changed it)
 
     @property
     def demo(self) -> bool:
@@ -212,7 +216,7 @@ def collect_runs(client: Any, experiments: Optional[Sequence[str]] = None) -> li
                 qualifies=_qualifies(tags), commit=tags.get(MLFLOW_GIT_COMMIT, ""),
                 experiment_id=run.info.experiment_id,
                 model=(tags[MODEL_NAME_TAG], tags[MODEL_VERSION_TAG]) if MODEL_VERSION_TAG in tags else None,
-                selected_on_test=tags.get(SELECT_TAG) == "test",
+                selected_on_test=tags.get(SELECT_TAG) == "test", released=tags.get(RELEASED_TAG),
             ))
         token = page.token
         if not token:
@@ -404,7 +408,16 @@ def run_rows(runs: Sequence[PipelineRun], published: dict[str, Published], ui: s
     return rows
 
 
-def published_rows(published: dict[str, Published]) -> list[dict[str, str]]:
+def remeasured(entry: PublishedEntry, runs: Sequence[PipelineRun]) -> str:
+    """The entry's released file as scored here (accuracy at the project's score, newest finished real run), or -."""
+    found = [r for r in runs if entry.release and r.released == entry.release and r.finished and not r.demo]
+    if not found:
+        return "-"
+    run = found[-1]
+    return f"{run.accuracy:.4f} at {run.score:.6g} ({run.experiment}/{run.name})"
+
+
+def published_rows(published: dict[str, Published], runs: Sequence[PipelineRun] = ()) -> list[dict[str, str]]:
     rows = []
     for team in published.values():
         for entry in team.entries:
@@ -419,6 +432,7 @@ def published_rows(published: dict[str, Published]) -> list[dict[str, str]]:
                 "ops": ops,
                 "team's score": _as_published(entry.score),
                 "leaderboard": _as_published(entry.leaderboard),
+                "re-measured here": remeasured(entry, runs),
                 "source": f"{team.source.repository} @ {team.source.commit}: {', '.join(team.source.files)}",
             })
     return rows
@@ -470,7 +484,7 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
     published = published_figures() if published is None else published
     output.mkdir(parents=True, exist_ok=True)
     png = draw_pareto(runs, published, output / "pareto.png")
-    rows, figures = run_rows(runs, published, ui), published_rows(published)
+    rows, figures = run_rows(runs, published, ui), published_rows(published, runs)
     finished = sum(r.finished for r in runs)
     experiments = sorted({r.experiment for r in runs})
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -485,7 +499,8 @@ def write_report(runs: Sequence[PipelineRun], output: Path, published: Optional[
                  "stage because an earlier stage wrote the same output as before) are listed but not plotted.")
     note_published = ("Numbers as each team published them, counted their way (see below); this project re-counts "
                       "every model with one counter, so its scores are not expected to match. "
-                      "* = the entry the pipeline reproduces.")
+                      "* = the entry the pipeline reproduces. Re-measured here: the team's released checkpoint "
+                      "imported and scored by this project (accuracy on the test split at this project's score).")
     summary = output / "summary.md"
     notes_md = "".join(f"- **{who}**: {text}\n" for who, text in _counting_notes(published))
     summary.write_text(

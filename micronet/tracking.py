@@ -26,6 +26,7 @@ MODEL_NAME_TAG = "micronet.registered_model"  # on a parent run: the registered 
 MODEL_VERSION_TAG = "micronet.registered_model_version"  # ... and the version it made
 PROCESS_TAG = "micronet.process"  # host:pid of the process that runs a stage, to tell a killed run from a live one
 RESUMED_FROM_TAG = "micronet.resumed_from"
+RELEASED_TAG = "micronet.released"  # on a parent run: the released file its score stage scored as imported
 SELECT_TAG = "micronet.select"  # the epoch a stage kept: last, val or test (the teams' protocol; also on the parent)
 SELECTED_ON_TEST = "selected on test, as published"
 

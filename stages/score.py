@@ -27,7 +27,7 @@ def score_command(
     from micronet.checkpoint import load_model
     from micronet.data import build_test
     from micronet.scoring import count
-    from micronet.tracking import MODEL_NAME_TAG, MODEL_VERSION_TAG, QUALIFIES_TAG, stage_run
+    from micronet.tracking import MODEL_NAME_TAG, MODEL_VERSION_TAG, QUALIFIES_TAG, RELEASED_TAG, stage_run
     from micronet.training import Runtime, evaluate, make_loader, setup_runtime
 
     params = runner.prepare(params_path, "score", [metrics, table], single_process=True)
@@ -57,6 +57,9 @@ def score_command(
     with stage_run("score", params, params_path) as track:
         track.set_tags({QUALIFIES_TAG: str(qualifies).lower(), "precision": "quantized" if counted.quantized else (
             "freebie" if counted.freebie else "32-bit"), "task": cfg.task}, parent=True)
+        released = released_file(source)
+        if released:
+            track.set_tags({RELEASED_TAG: released}, parent=True)
         runner.publish(track, {metrics: summary, table: counted.table(tasks=[cfg.task]) + "\n"},
                        {k: summary[k] for k in ("accuracy", "top5", "params", "flops", "score")}, parent=True)
         if track.active:
@@ -70,6 +73,12 @@ def score_command(
         f"flops {summary['flops']:,.2f}, "
         f"score {summary['score']:.6g}, qualifies {str(qualifies).lower()}; per-layer table in {table}"
     )
+
+
+def released_file(checkpoint: dict) -> str | None:
+    """The released file a checkpoint holds unchanged (written by `micronet import`, no stage since), or None."""
+    source = checkpoint.get("source")
+    return source.get("file") if checkpoint.get("stage") == "import" and isinstance(source, dict) else None
 
 
 def register(track, checkpoint: Path, model, test, name: str, tags: dict[str, str]):

@@ -55,3 +55,10 @@ def test_kaist_release_scores_its_full_split_figure_on_a_fixed_slice(tmp_path, v
     micronet("score", "--params", str(params), "--input", "v.pt", "--metrics", "score.json", cwd=tmp_path)
     score = json.loads((tmp_path / "score.json").read_text())
     assert score["total"] == SLICE and score["correct"] == SLICE_CORRECT[version], score
+    # the parent run says which release it scored: `micronet report` puts it beside KAIST's published entry
+    from mlflow.tracking import MlflowClient
+
+    from micronet.report import collect_runs
+
+    (run,) = collect_runs(MlflowClient(), ["kaist-released"])
+    assert run.released == release.name and run.accuracy == score["accuracy"]

@@ -239,3 +239,16 @@ def test_a_bit_width_sweep_of_kaist_wave_is_one_colour_with_its_changed_param(tm
     assert rows["bits9"]["qualifies"] == "yes" and rows["bits7"]["published score"] == "-"
     png = report.draw_pareto(runs, report.published_figures(), tmp_path / "sweep.png")
     assert Image.open(png).format == "PNG"
+
+
+def test_a_scored_release_is_re_measured_beside_its_published_entry():
+    """A run whose score stage scored KAIST's released file as imported (tag micronet.released) fills that entry's
+    "re-measured here" cell; demo runs and unfinished runs do not, and other entries keep "-"."""
+    run = lambda name, released, acc, exp="kaist-released": report.PipelineRun(  # noqa: E731
+        run_id=name, experiment=exp, name=name, pipeline="kaist", task="cifar100", params={},
+        metrics={"accuracy": acc, "score": 0.00539376} if acc else {}, qualifies=True, commit="", released=released)
+    runs = [run("v1", "micronet_v1_pr_60.t7", 0.8007), run("toy", "micronet_v2_pr_60.t7", 0.01, "demo-kaist"),
+            run("v2-unfinished", "micronet_v2_pr_60.t7", None)]
+    rows = {r["entry"]: r for r in report.published_rows(report.published_figures(), runs)}
+    assert rows["ver1 60%"]["re-measured here"] == "0.8007 at 0.00539376 (kaist-released/v1)"
+    assert rows["ver2 60%"]["re-measured here"] == "-" and rows["ex"]["re-measured here"] == "-"
