@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -83,11 +84,16 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+_PARAM_NAME = re.compile(r"[\w.\- /:]+")  # what MLflow accepts in a param name
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted names; a mapping whose keys MLflow would refuse as names (module-name patterns
+    such as quantize.layer_bits' "layers.*.conv2") stays one param whose value is the whole mapping."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and all(_PARAM_NAME.fullmatch(str(k)) for k in value):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value

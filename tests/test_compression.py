@@ -319,7 +319,7 @@ def test_per_channel_exponents_and_per_layer_bits_are_stored_counted_and_reloade
     """One exponent per output channel: each channel on its own grid (a channel of small weights keeps its
     precision beside one of large weights), each exponent stored as a buffer and charged 8 bits by the counter;
     layer_bits patterns give a layer its own width, which the checkpoint states and the counter charges."""
-    from micronet.compression.quantize import ActivationQuantizer, QuantizationAware, channel_bounds
+    from micronet.compression.quantize import ActivationQuantizer, QuantizationAware, channel_bounds, off_grid
     from micronet.scoring import EXPONENT_BITS, count
 
     torch.manual_seed(0)
@@ -353,6 +353,12 @@ def test_per_channel_exponents_and_per_layer_bits_are_stored_counted_and_reloade
     atomic_save(make_checkpoint(model, "tiny", {}), path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["quantization"]["layer_weight_bits"]["2"] == 10 and "0.weight_exponent" in ckpt["state_dict"]
+    assert off_grid(model) == []
+    with torch.no_grad():
+        model[2].weight[1, 0, 0, 0] += 2.0 ** -int(model[2].weight_exponent[1]) / 2  # half a step off channel 1
+    assert off_grid(model) == ["2.weight"]
+    with torch.no_grad():
+        model[2].weight.copy_(quantize_tensor(model[2].weight, 10, model[2].weight_exponent))
     qat = QuantizationAware(model)  # fine-tunes on the same per-channel grids
     assert torch.equal(qat(x), model(x))
     assert sum(isinstance(m, ActivationQuantizer) for m in model.modules()) >= 5

@@ -113,3 +113,13 @@ def test_untracked_data_is_found_from_a_dvc_experiment_copy(tmp_path, monkeypatc
     (copy / "pipelines/demo/data/cifar100").mkdir(parents=True)  # present in the copy (DVC-tracked): used
     assert untracked_input("data/cifar100") == Path("data/cifar100")
 
+
+
+def test_params_with_pattern_keys_are_logged_as_one_mlflow_param():
+    """quantize.layer_bits is keyed by module-name patterns ("layers.*.conv2"), which MLflow refuses as param
+    names: that mapping is one param, its value the mapping; ordinary sections still flatten to dotted names."""
+    from micronet.tracking import flatten
+
+    flat = flatten({"quantize": {"weight_bits": 9, "layer_bits": {"layers.*.conv2": 12}, "finetune": {"lr": 0.1}}})
+    assert flat == {"quantize.weight_bits": 9, "quantize.layer_bits": {"layers.*.conv2": 12},
+                    "quantize.finetune.lr": 0.1}

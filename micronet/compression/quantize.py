@@ -448,6 +448,20 @@ class QuantizationAware(nn.Module):
         return self.net.eval()
 
 
+@torch.no_grad()
+def off_grid(model: nn.Module) -> list[str]:
+    """Quantized parameters not exactly on the grid they declare (their layer's `weight_bits`, their stored
+    exponents, per output channel where there are several): what a checkpoint claims, checked value by value."""
+    bad = []
+    for name, module in model.named_modules():
+        bits = getattr(module, "weight_bits", None)
+        for pname, p in module.named_parameters(recurse=False) if bits is not None else ():
+            exponent = module._buffers.get(pname + EXPONENT_SUFFIX)
+            if exponent is None or not torch.equal(quantize_tensor(p, bits, exponent), p):
+                bad.append(f"{name}.{pname}" if name else pname)
+    return bad
+
+
 def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Conv/linear weights with exact zeros (a sparsified model) -> their 0/1 masks; dense weights need none."""
     masks = {}
