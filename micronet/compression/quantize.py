@@ -1,19 +1,24 @@
-"""Fixed-point quantization with one power-of-two scale (a shared exponent) per tensor, as the Wave
-submission did: fold BatchNorm where it can be, round every weight tensor in place to `weight_bits`, and
-insert activation quantizers calibrated on the validation split.
+"""Fixed-point quantization with power-of-two scales, as the Wave submission did: fold BatchNorm where it can be,
+round every weight tensor in place to its layer's bits (`weight_bits`, or a `layer_bits` pattern's) with one shared
+exponent per tensor (Wave) or one per output channel, and insert activation quantizers calibrated on the
+validation split.
 
 A value x in b bits with exponent e is stored as the integer round(clamp(x * 2^e, -2^(b-1), 2^(b-1)-1));
 the model keeps x_q = int / 2^e in float32, which represents it exactly, so evaluation is bit-true.
-The counter reads `weight_bits` on modules and `activation_bits` on quantizers.
+The counter reads `weight_bits` on modules, the `<param>_exponent` buffers beside the parameters (8 bits per
+exponent) and `activation_bits` on quantizers.
 
-Quantization-aware fine-tuning (`quantization_aware`) trains the quantized model through the same rounding, with
-the straight-through estimator. The rounding is torch's fake-quant kernel (`torch.fake_quantize_per_tensor_affine`,
-what torch.ao's FakeQuantize calls) at scale 2^-e, zero point 0: bit-equal to the formula above, for every bit
-width up to 32. torch.ao's QAT flow and brevitas are not used around it: both swap modules for their quantized
-versions and choose scales with their own observers (min/max, histogram; brevitas' power-of-two option rounds the
-log-scale of a learnt or max-based range), neither has Wave's SigmaMax |mean| + k*std bound, and both quantize at
-layer boundaries, not at every computed output (residual sums, h-swish, SE products) as Wave's hooks do. The
-exponents stay the ones calibration chose (weights and activations alike: frozen, not learnt)."""
+Quantization-aware fine-tuning (`QuantizationAware`) trains the quantized model through the same rounding, with
+the straight-through estimator. The rounding is torch's fake-quant kernel (`torch.fake_quantize_per_tensor_affine`
+and `_per_channel_affine`, what torch.ao's FakeQuantize calls) at scale 2^-e, zero point 0: bit-equal to the formula
+above, for every bit width up to 32. torch.ao's QAT flow and brevitas are not used around it: both swap modules for
+their quantized versions and choose scales with their own observers (min/max, histogram; brevitas' power-of-two
+option rounds the log-scale of a learnt or max-based range), neither has Wave's SigmaMax |mean| + k*std bound, and
+both quantize at layer boundaries, not at every computed output as Wave's hooks do (the output of every leaf module
+and of every block whose forward makes its own sum: residual sums, h-swish). A product made inside a forward that is
+not a module's output (KAIST's SE gating `out * gate` before the residual sum) is not quantized: it stays a 32-bit
+intermediate, and the counter charges it at 32 bits. The exponents stay the ones calibration chose (weights and
+activations alike: frozen, not learnt)."""
 
 from __future__ import annotations
 
