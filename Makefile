@@ -9,6 +9,9 @@ DATA ?= synthetic
 PIPELINE_DIR := pipelines/$(PIPELINE)
 MLFLOW_PORT ?= 5000
 DEVICE ?= cuda
+# Threads torch uses in each stage of `make demo`, exported as OMP_NUM_THREADS and printed at its start: 2, or the
+# OMP_NUM_THREADS already in the environment (a test worker's share of the cores); the README's timings say at how many.
+THREADS ?= $(or $(OMP_NUM_THREADS),2)
 # `make exp-show`: what each run scored (the score stage's headline metrics) and the params that differ between runs;
 # every other metric, and the deps' hashes, are dropped (DVC matches these regexes from the column name's start).
 EXP_HEADLINE := accuracy|params|flops|score|qualifies
@@ -20,6 +23,7 @@ help:
 	@echo "make install                 - uv sync --frozen (installs uv first if missing)"
 	@echo "make demo [PIPELINE=name]    - a pipeline at toy scale on synthetic data through DVC (default: demo = Wave);"
 	@echo "                               names: $$(ls -d pipelines/*/dvc.yaml | cut -d/ -f2 | tr '\n' ' ')"
+	@echo "make demo THREADS=n ...      - the same at n torch threads (default: \$$OMP_NUM_THREADS if set, else 2)"
 	@echo "make demo DATA=digits ...    - the same toy run on real images (scikit-learn's digits, 10 classes):"
 	@echo "                               $$(ls pipelines/*/digits.yaml | cut -d/ -f2 | tr '\n' ' ')"
 	@echo "make exp-show [PIPELINE=...] - the pipeline's DVC experiments, key columns only"
@@ -41,7 +45,11 @@ install: $(UV)
 # toy run on real images), then the pipeline runs as a DVC experiment, so it is the baseline later
 # `dvc exp run -S ...` experiments are compared with (`git checkout params.yaml` = full scale).
 # A pipeline that starts from a released checkpoint (an `import` section) gets a random file in its place first.
+# It ends with one short table read from the score stage's metrics/score.json (`micronet summary`), the per-layer
+# count's totals, and where the curves are; every stage's metrics: `cd $(PIPELINE_DIR) && uv run dvc metrics show`.
+demo: export OMP_NUM_THREADS := $(THREADS)
 demo: install
+	@echo "make demo: pipeline $(PIPELINE_DIR), data $(DATA), OMP_NUM_THREADS=$(THREADS) (make demo THREADS=n to change)"
 	@test -f $(PIPELINE_DIR)/dvc.yaml || { echo "no pipeline $(PIPELINE_DIR)/dvc.yaml"; exit 2; }
 	@test "$(DATA)" = synthetic || test -f $(PIPELINE_DIR)/$(DATA).yaml || { echo "no $(PIPELINE_DIR)/$(DATA).yaml: \
 		DATA=digits is for $$(ls pipelines/*/digits.yaml | cut -d/ -f2 | tr '\n' ' ')"; exit 2; }
@@ -49,7 +57,9 @@ demo: install
 		&& { test "$(DATA)" = synthetic || $(RUN) micronet params apply $(DATA).yaml; } \
 		&& { ! grep -q '^import:' params.yaml || $(RUN) micronet data synth-kaist --params params.yaml; } \
 		&& $(RUN) dvc exp run
-	@cd $(PIPELINE_DIR) && $(RUN) dvc metrics show && tail -n 8 metrics/score_layers.txt
+	@cd $(PIPELINE_DIR) && tail -n 8 metrics/score_layers.txt && echo && $(RUN) micronet summary --pipeline $(PIPELINE) \
+		&& echo "curves: a PNG per stage in each MLflow stage run (make mlflow-ui); offline: make report, or" \
+		"cd $(PIPELINE_DIR) && uv run dvc plots show (its HTML loads vega from a CDN)"
 
 exp-show: install
 	@cd $(PIPELINE_DIR) && COLUMNS=$${COLUMNS:-160} $(RUN) dvc exp show --no-pager --only-changed --precision 4 \
@@ -83,7 +93,7 @@ report: install
 mlflow-ui: install
 	@$(RUN) micronet views --port $(MLFLOW_PORT)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root file://$(CURDIR)/mlartifacts \
-		--host 127.0.0.1 --port $(MLFLOW_PORT)
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 clean-demo:
 	rm -rf $(PIPELINE_DIR)/data $(PIPELINE_DIR)/models $(PIPELINE_DIR)/metrics $(PIPELINE_DIR)/dvc.lock

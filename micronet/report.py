@@ -278,10 +278,28 @@ def _panels(runs: Sequence[PipelineRun]) -> list[tuple[str, bool]]:
     return panels or sorted({(r.task, False) for r in runs}) or [("cifar100", False)]
 
 
-def draw_pareto(runs: Sequence[PipelineRun], published: dict[str, Published], path: Path) -> Path:
-    """Accuracy against score (log): the finished runs with their Pareto front, the accuracy gate, and each
-    team's published leaderboard entries as hollow diamonds, the reproduced one labelled with the team. One
-    panel per task; demo runs (triangles, dotted front) get panels of their own."""
+def _spread_labels(fig, labels: list) -> None:
+    """Moves each annotation (offset in points) up or down, in steps of its own height, until its box overlaps
+    no label placed before it nor a neighbour's point, so names on a crowded front stay readable."""
+    if len(labels) < 2:
+        return
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # constrained layout places the axes first: boxes are final but for nudges
+    placed = []
+    for text in labels:
+        x0, y0 = text.xyann
+        box = text.get_window_extent(renderer)
+        step = box.height * 72 / fig.dpi + 1
+        for k in [0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5]:
+            text.xyann = (x0, y0 + k * step)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+
+
+def pareto_figure(runs: Sequence[PipelineRun], published: dict[str, Published]):
+    """The Figure draw_pareto saves (see there); its axes' texts are the labels."""
     finished = [r for r in runs if r.finished]
     panels = _panels(runs)
     colours = _colours([r.pipeline for r in runs] + list(published))
@@ -290,35 +308,45 @@ def draw_pareto(runs: Sequence[PipelineRun], published: dict[str, Published], pa
     shown: set[str] = set()
     kinds: set[bool] = set()
     plain = FuncFormatter(lambda v, _: f"{v:g}")
+    labels_of: dict = {}
     for ax, (task, demo) in zip(axes, panels):
+        labels = labels_of.setdefault(ax, [])
         group = [r for r in finished if r.task == task and r.demo == demo]
         for run in group:
             ax.scatter(run.score, run.accuracy, s=36, marker="^" if demo else "o", color=colours[run.pipeline],
                        alpha=0.8 if demo else 0.9, zorder=3)
             shown.add(run.pipeline)
             kinds.add(demo)
-        front = [group[i] for i in pareto_front([(r.score, r.accuracy) for r in group])]
-        if front:
+        front = sorted((group[i] for i in pareto_front([(r.score, r.accuracy) for r in group])),
+                       key=lambda r: r.score)
+        if len(front) == 1:  # a step line through one point draws nothing: ring the run that is the front
+            ax.scatter(front[0].score, front[0].accuracy, s=170, facecolors="none", zorder=2,
+                       edgecolors="0.45" if demo else "black", linewidths=1.2, ls=":" if demo else "-")
+        elif front:
             ax.step([r.score for r in front], [r.accuracy for r in front], where="post",
                     color="0.45" if demo else "black", ls=":" if demo else "-", lw=1.2, zorder=2)
-            for i, run in enumerate(front):  # alternate below/above: neighbours on a front sit close
-                ax.annotate(run.name, (run.score, run.accuracy), textcoords="offset points",
-                            xytext=(4, -11 if i % 2 == 0 else 6), fontsize=7, color="0.3")
+        for i, run in enumerate(front):  # alternate below/above: neighbours on a front sit close
+            labels.append(ax.annotate(run.name, (run.score, run.accuracy), textcoords="offset points",
+                                      xytext=(4, -11 if i % 2 == 0 else 6), fontsize=7, color="0.3"))
         accuracies = [r.accuracy for r in group]
-        for team in (p for p in published.values() if p.task == task):
-            for entry in team.entries:
-                if entry.leaderboard is None:
-                    continue
-                ax.scatter(entry.leaderboard, entry.accuracy, s=70, marker="D", facecolors="none",
-                           edgecolors=colours[team.pipeline], linewidths=1.6, zorder=4)
-                accuracies.append(entry.accuracy)
-                if entry.name == team.reproduces:
-                    ax.annotate(team.team, (entry.leaderboard, entry.accuracy), textcoords="offset points",
-                                xytext=(6, 5), fontsize=8, color=colours[team.pipeline])
-            shown.add(team.pipeline)
+        if not demo:  # toy-data runs are not comparable with the published entries: their panels show neither
+            for team in (p for p in published.values() if p.task == task):
+                for entry in team.entries:
+                    if entry.leaderboard is None:
+                        continue
+                    ax.scatter(entry.leaderboard, entry.accuracy, s=70, marker="D", facecolors="none",
+                               edgecolors=colours[team.pipeline], linewidths=1.6, zorder=4)
+                    accuracies.append(entry.accuracy)
+                    if entry.name == team.reproduces:
+                        labels.append(ax.annotate(team.team, (entry.leaderboard, entry.accuracy),
+                                                  textcoords="offset points", xytext=(6, 5), fontsize=8,
+                                                  color=colours[team.pipeline]))
+                shown.add(team.pipeline)
         gate = _gate(task)
-        ax.axhline(gate, color="tab:red", ls="--", lw=1, zorder=1)
-        low, high = min([gate, *accuracies]), max([gate, *accuracies])
+        bounds = accuracies if demo and accuracies else [gate, *accuracies]
+        if not demo:
+            ax.axhline(gate, color="tab:red", ls="--", lw=1, zorder=1)
+        low, high = min(bounds), max(bounds)
         margin = max(0.01, 0.08 * (high - low))
         ax.set_ylim(low - margin, high + margin)
         ax.set_xscale("log")
@@ -326,20 +354,36 @@ def draw_pareto(runs: Sequence[PipelineRun], published: dict[str, Published], pa
         lo, hi = ax.get_xlim()
         if hi / lo < 10:  # less than a decade shows no major tick: label the minor ones
             ax.xaxis.set_minor_formatter(plain)
-        ax.set_title(f"{task}{' demo runs (toy data)' if demo else ''}: accuracy gate {gate:.0%}", fontsize=11)
+        one = " (one run: the front)" if len(group) == 1 else ""
+        if demo:
+            ax.set_title(f"{task} toy runs (toy data: no accuracy gate, not comparable with published entries)"
+                         f"{one}", fontsize=9)
+        else:
+            ax.set_title(f"{task}: accuracy gate {gate:.0%}{one}", fontsize=11)
         ax.set_xlabel("MicroNet score (log scale, lower is better)")
-        ax.set_ylabel("top-1 accuracy (test)")
+        ax.set_ylabel("top-1 accuracy (test)" if not demo else "top-1 accuracy (toy test set)")
         ax.grid(alpha=0.3, which="both")
     handles = [Line2D([], [], ls="", marker="s", markersize=8, color=colours[p], label=p) for p in sorted(shown)]
     handles += [Line2D([], [], ls="", marker="o", color="0.4", label="run"),
                 Line2D([], [], color="black", label="Pareto front")] * (False in kinds or not kinds)
-    handles += [Line2D([], [], ls="", marker="^", color="0.4", label="demo run (toy data)"),
-                Line2D([], [], color="0.45", ls=":", label="Pareto front (demo)")] * (True in kinds)
+    handles += [Line2D([], [], ls="", marker="^", color="0.4", label="toy run (toy data)"),
+                Line2D([], [], color="0.45", ls=":", label="Pareto front (toy runs)")] * (True in kinds)
     handles += [Line2D([], [], ls="", marker="D", markerfacecolor="none", markeredgecolor="0.4",
                        label="published (leaderboard)"),
-                Line2D([], [], color="tab:red", ls="--", label="accuracy gate")]
+                Line2D([], [], color="tab:red", ls="--", label="accuracy gate")] * (any(not d for _, d in panels))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    return save(fig, path)
+    for labels in labels_of.values():
+        _spread_labels(fig, labels)
+    return fig
+
+
+def draw_pareto(runs: Sequence[PipelineRun], published: dict[str, Published], path: Path) -> Path:
+    """Accuracy against score (log): the finished runs with their Pareto front, the accuracy gate, and each
+    team's published leaderboard entries as hollow diamonds, the reproduced one labelled with the team. One
+    panel per task; toy (demo) runs (triangles, dotted front) get panels of their own, without the published
+    entries or the gate, which their toy data cannot be compared with. A front of one run is a ring around it;
+    labels are moved apart where they would overlap."""
+    return save(pareto_figure(runs, published), path)
 
 
 # --- tables -------------------------------------------------------------------------------------------------

@@ -23,14 +23,16 @@ def apply_command(
     overlay: Path = typer.Argument(..., help="YAML with the keys to change, e.g. toy.yaml"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Write OVERLAY's values into the params file (comments kept), e.g. a pipeline's toy scale."""
+    """Write OVERLAY's values into the params file (comments kept), e.g. a pipeline's toy scale (README:
+    "Experiments: change one knob"). Mappings merge key by key, anything else replaces; the result is validated
+    whole before params.yaml changes. `git checkout params.yaml` returns to full scale."""
     import io
     import os
 
     from ruamel.yaml import YAML
 
     from micronet.checkpoint import write_temporary
-    from micronet.config import load_params
+    from micronet.config import load_params, read_yaml
     from micronet.errors import MicronetError
 
     yaml = YAML()
@@ -38,6 +40,8 @@ def apply_command(
     for path in (overlay, params_path):
         if not path.is_file():
             raise MicronetError(f"{path}: file not found")
+    for path in (overlay, params_path):  # a duplicate key or bad syntax: one line naming file and line, exit 2
+        read_yaml(path)
     base = yaml.load(params_path.read_text())
     changes = yaml.load(overlay.read_text()) or {}
     if not isinstance(changes, dict):

@@ -57,3 +57,43 @@ def test_the_closure_follows_function_level_imports():
     assert REPO / "micronet/scoring.py" in files and REPO / "micronet/training.py" in files
     assert REPO / "micronet/compression/structured.py" not in files
     assert REPO / "micronet/scoring.py" not in closure("stages.train")
+
+
+# The columns each kind of stage writes to its --plots CSV: the training loop's per-epoch rows
+# (micronet/training.py) and the compression loop's per-step rows (micronet/runner.py compress_in_steps).
+PLOT_COLUMNS = {
+    "train": {"epoch", "lr", "train_loss", "train_acc", "seconds", "val_loss", "val_acc", "val_top5"},
+    "prune": {"step", "kind", "target_rate", "rate", "parameters", "val_accuracy", "undone", "stop"},
+    "sparsify": {"step", "kind", "target_rate", "sparsity", "val_accuracy", "undone", "stop"},
+}
+
+
+def plots_written(pipeline: Path) -> dict[str, set[str]]:
+    """CSV path -> the columns its stage writes, from each stage's `--plots` option."""
+    written = {}
+    for stage in stages(pipeline).values():
+        cmd = " ".join(stage["cmd"].split())
+        match = re.search(r"--plots (\S+)", cmd)
+        if match:
+            written[match.group(1)] = PLOT_COLUMNS[command_of(cmd)]
+    return written
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(REPO)) or "root")
+def test_every_plot_is_one_labelled_quantity_of_a_csv_a_stage_writes(pipeline):
+    plots = yaml.safe_load((pipeline / "dvc.yaml").read_text())["plots"]
+    written = plots_written(pipeline)
+    drawn = set()
+    for entry in plots:
+        (name, spec), = entry.items()
+        for key in ("title", "x_label", "y_label", "x", "y"):
+            assert spec.get(key), f"{pipeline}/dvc.yaml plot {name}: no {key}"
+        assert spec.get("template", "linear") == "linear", name
+        (csv, columns), = spec["y"].items()  # one file a chart: one quantity against epochs or steps
+        assert csv in written, f"{pipeline}/dvc.yaml plot {name}: {csv} is no stage's --plots output"
+        unknown = {spec["x"], *columns} - written[csv]
+        assert not unknown, f"{pipeline}/dvc.yaml plot {name}: {csv} has no column {sorted(unknown)}"
+        drawn.add(csv)
+    assert drawn == set(written), f"{pipeline}/dvc.yaml: no chart of {sorted(set(written) - drawn)}"
+    titles = [next(iter(e.values()))["title"] for e in plots]
+    assert len(set(titles)) == len(titles), f"{pipeline}/dvc.yaml: two charts with one title"

@@ -252,3 +252,38 @@ def test_a_scored_release_is_re_measured_beside_its_published_entry():
     rows = {r["entry"]: r for r in report.published_rows(report.published_figures(), runs)}
     assert rows["ver1 60%"]["re-measured here"] == "0.8007 at 0.00539376 (kaist-released/v1)"
     assert rows["ver2 60%"]["re-measured here"] == "-" and rows["ex"]["re-measured here"] == "-"
+
+
+def test_toy_panels_hold_no_published_entries_and_labels_do_not_overlap(tmp_path):
+    points = [(0.30 + 0.0005 * i, 0.0100 + 0.00002 * i) for i in range(4)] + [(0.6, 0.03)]  # 4 on one spot
+    runs = [report.PipelineRun(run_id=f"r{i}", experiment=f"{report.DEMO_PREFIX}wave", name=f"demo-wave-run-{i}",
+                               pipeline="wave", task="cifar100", params={}, metrics={"accuracy": a, "score": sc},
+                               qualifies=False, commit="")
+            for i, (a, sc) in enumerate(points)]
+    assert all(r.demo for r in runs)
+    fig = report.pareto_figure(runs, report.published_figures())
+    (ax,) = fig.axes
+    assert "toy" in ax.get_title() and "not comparable" in ax.get_title()
+    assert ax.get_ylim()[1] < 0.7 and ax.get_ylim()[0] > 0.2  # no published entry nor gate squash them
+    names = {t.get_text() for t in ax.texts}
+    teams = {p.team for p in report.published_figures().values()}
+    assert not names & teams, names & teams  # no published entry's label in a toy panel
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 5
+    overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not overlapping, "labels overlap"
+
+
+def test_a_front_of_one_run_is_drawn(tmp_path):
+    one = report.PipelineRun(run_id="a", experiment="wave", name="wave-one", pipeline="wave", task="cifar100",
+                             params={}, metrics={"accuracy": 0.81, "score": 0.05}, qualifies=True, commit="")
+    fig = report.pareto_figure([one], report.published_figures())
+    ax = fig.axes[0]
+    assert "one run" in ax.get_title()
+    rings = [c for c in ax.collections if len(c.get_offsets()) == 1 and not c.get_facecolors().any()
+             and tuple(c.get_offsets()[0]) == (0.05, 0.81)]
+    assert rings, "no front drawn around the single run"
+    assert "wave-one" in {t.get_text() for t in ax.texts}
+    assert Image.open(report.draw_pareto([one], report.published_figures(), tmp_path / "one.png")).format == "PNG"
