@@ -221,6 +221,10 @@ class OptimConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: Optional[bool] = Field(None, description="null: on for CUDA, off on CPU")
     compile: bool = Field(False, description="torch.compile the model for this stage (after pruning: per stage)")
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms(True), cudnn.deterministic and a fixed cuBLAS "
+        "workspace, so a resumed run is bit-identical on GPU too; slower (no cudnn autotuning, deterministic "
+        "kernels), and an op without a deterministic CUDA kernel raises instead of running")
     batch_size: Optional[int] = Field(None, ge=1, description="global batch; null = data.batch_size")
     augment: Optional[AugmentConfig] = Field(None, description="null = data.augment / data.copies")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs; null = full epoch")
@@ -270,10 +274,21 @@ class TrainConfig(OptimConfig):
         return self
 
 
+class BatchRule(Section):
+    """eigendamage: once a step has left the network more than `above` compressed (1 - params/params0, the
+    largest reached so far), fine-tuning uses batch `finetune` and later K-FAC passes batch `kfac` (Wave's
+    main_prune.py: loaders rebuilt at compression 0, 0.3 and 0.6)."""
+
+    above: float = Field(ge=-1, lt=1)
+    finetune: int = Field(ge=1)
+    kfac: int = Field(ge=1)
+
+
 class PruneConfig(Section):
     """Structured pruning. eigendamage (Wave): every conv and the classifier rotated into its K-FAC eigenbasis and
-    truncated to low rank, prune steps (step_rate of the eigen-direction saliencies) alternating with bring-back
-    steps, until `rate` (1 - params/params0) is reached. channels: Torch-Pruning removes channels to `rate` in
+    truncated to low rank, prune steps (step_rate of the eigen-direction saliencies) until one leaves the network
+    smaller than it started, then alternating with bring-back steps (Wave's main_prune.py), until `rate`
+    (1 - params/params0) is reached. channels: Torch-Pruning removes channels to `rate` in
     `steps` geometric steps with a magnitude/Taylor/Hessian criterion."""
 
     enabled: bool = True
@@ -300,6 +315,18 @@ class PruneConfig(Section):
     kfac_train_mode: bool = Field(False, description="eigendamage: collect statistics in train mode (BN batch "
                                   "statistics, stochastic ShakeDrop) as Wave did; default eval, the deployed function")
     exclude: list[str] = Field(default_factory=list, description="eigendamage: layers left as they are")
+    kfac_batch_size: Optional[int] = Field(None, ge=1, description="eigendamage: batch of the K-FAC passes until a "
+                                           "batch_schedule rule applies; null = the fine-tune batch (Wave: 100)")
+    batch_schedule: list[BatchRule] = Field(
+        default_factory=list, description="eigendamage: per-compression batches [{above, finetune, kfac}], the last "
+        "rule whose `above` the largest compression so far exceeds wins (Wave: 0 -> 168/128, 0.3 and 0.6 -> 176/128)")
+    back_noise: float = Field(0.01, ge=0, description="eigendamage: a brought-back row/column is the layer's last "
+                              "one times (1 + back_noise * U[0, 1)) entrywise (Wave: 1e-2)")
+    back_noise_shared: bool = Field(False, description="eigendamage: one draw per layer and side for all its new "
+                                    "rows/columns, so they are identical copies (Wave's code); false: a draw per copy")
+    negative_compression_epochs: Optional[int] = Field(
+        None, ge=0, description="eigendamage: fine-tuning epochs after a step that leaves the network no smaller "
+        "than it started (the eigenbases add parameters); null = the recipe's epochs (Wave: 50)")
 
     @model_validator(mode="after")
     def _one_loader_for_both_finetunings(self) -> "PruneConfig":

@@ -31,16 +31,26 @@ NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # ---- optimizers ---------------------------------------------------------------------------------------------
 
 
+def underlying_name(name: str) -> tuple[str, str]:
+    """(owning module path, parameter name) of a parameter, seen through torch.nn.utils.parametrize: QAT's
+    `conv.parametrizations.weight.original` is conv's `weight`, `bn.parametrizations.bias.original0` bn's bias."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1].startswith("original"):
+        return ".".join(parts[:-3]), parts[-2]
+    return ".".join(parts[:-1]), parts[-1]
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
     """One group, or two: with `decay_norm_and_bias` off, normalization parameters and every bias get no weight
     decay. (DNW's code exempted parameters whose name contains 'bn', which missed the downsample BatchNorms.)"""
     if decay_norm_and_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     exempt: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, NORMS) or name == "bias":
-                exempt.add(id(p))
+    for full, p in model.named_parameters():
+        owner, name = underlying_name(full)
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, NORMS) or name == "bias":
+            exempt.add(id(p))
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},

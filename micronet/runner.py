@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -58,6 +58,10 @@ def prepare(params_path: Path, stage: str, outputs: Iterable[Path], section: str
     `torchrun --nproc-per-node N` and exit with its status (not for `single_process` stages such as score)."""
     params = load_params(params_path)
     require_params(params, params_path, stage, section)
+    if any(r.deterministic for r in params.recipes().values()):  # before cuBLAS starts (torchrun children inherit)
+        from micronet.training import CUBLAS_WORKSPACE
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     check_writable(outputs)
     n = params.distributed.nproc_per_node
     if "LOCAL_RANK" in os.environ:
@@ -278,6 +282,7 @@ class Step:
     target: float
     finetune: OptimConfig
     kind: str = "compress"
+    extra: dict[str, Any] = field(default_factory=dict)  # what the step's row reports beside the measurements
 
 
 def compress_in_steps(
@@ -295,7 +300,9 @@ def compress_in_steps(
     track: Any,
     output: Path,
     train: Any = None,
-    plan: Optional[list[Step]] = None,
+    plan: Optional[list[Step] | Callable[[int, list[dict[str, Any]]], Step]] = None,
+    refine: Optional[Callable[[int, Step, torch.nn.Module, list[dict[str, Any]]], Step]] = None,
+    recipes: Optional[list[OptimConfig]] = None,
     stop: Optional[Callable[[dict[str, Any]], bool]] = None,
     accept: Optional[Callable[[dict[str, Any]], bool]] = None,
     state: Optional[StepState] = None,
@@ -305,7 +312,12 @@ def compress_in_steps(
     checkpoint with its other outputs, then calls `clear_steps`. Resumes after the last finished step, and within
     a step after the last epoch.
 
-    `plan` defaults to the section's step rates, each fine-tuned with section.finetune. `stop(row)` ends the
+    `plan` defaults to the section's step rates, each fine-tuned with section.finetune; a callable plan(step, rows)
+    decides each step from the rows of the steps before it (at most section.steps steps; `recipes` lists every
+    fine-tuning it may pick, for the selection tags), and refine(step, spec, model, rows), called after `compress`,
+    may change the step's fine-tuning from what the compression reached. A training loader with set_seed /
+    set_batch_size (the GPU-resident one) is reseeded from (train.seed, step) and given the step's batch, so
+    steps do not replay one another's batches. `stop(row)` ends the
     stage after a step; `accept(row)` False undoes the step (the model goes back to the previous one) and ends it.
     `train` is what the loop trains on (default: splits.train)."""
     from micronet.checkpoint import build_from_checkpoint, make_checkpoint
@@ -328,31 +340,43 @@ def compress_in_steps(
         rows, first_step = saved["rows"], saved["step"] + 1
         if state is not None:
             state.load_state(saved["extra"])
-        if rows and rows[-1].get("stop"):
-            first_step = len(plan)
     model.to(runtime.device)
-    tag_selection(track, {id(s.finetune): s.finetune for s in plan}.values(), params)
-    epoch_offset = sum(max(1, s.finetune.epochs) for s in plan[:first_step])
-    for step, spec in enumerate(plan):
-        if step < first_step:
-            continue
+    dynamic = callable(plan)
+    total = section.steps if dynamic else len(plan)
+    chosen = recipes if dynamic else [s.finetune for s in plan]
+    tag_selection(track, {id(r): r for r in chosen}.values(), params)
+    epoch_offset = sum(max(1, r.get("finetune_epochs", 1 if dynamic else plan[k].finetune.epochs))
+                       for k, r in enumerate(rows[:first_step]))
+    data = train if train is not None else splits.train
+    if rows and rows[-1].get("stop"):
+        first_step = total
+    for step in range(first_step, total):
+        spec = plan(step, rows) if dynamic else plan[step]
         seed_everything(derived_seed(params.train.seed, step))  # a resumed step draws as an uninterrupted one
         masks = compress(model, step, spec.target)
         model.to(runtime.device)
+        if refine is not None:
+            spec = refine(step, spec, model, rows)
         resume = resume_file(output, f".step{step}")
         finetune = spec.finetune
+        batch = finetune.batch_size or params.data.batch_size
+        if hasattr(data, "set_seed"):  # the GPU loader: its draws follow (seed, epoch), so give each step its own
+            data.set_seed(derived_seed(params.train.seed, step))
+        if hasattr(data, "set_batch_size"):
+            data.set_batch_size(max(1, batch // runtime.world_size))
         result = fit(
-            model, train if train is not None else splits.train, selection_split(splits, finetune, params), finetune,
+            model, data, selection_split(splits, finetune, params), finetune,
             runtime, masks=masks,
             num_classes=num_classes(params.data),
-            batch_size=finetune.batch_size or params.data.batch_size, workers=params.data.workers,
+            batch_size=batch, workers=params.data.workers,
             seed=params.train.seed + step, resume_path=resume, fingerprint=key,
-            desc=f"{stage} {step + 1}/{len(plan)} ({spec.kind})",
+            desc=f"{stage} {step + 1}/{total} ({spec.kind})",
             on_epoch=lambda r, o=epoch_offset: track.log_metrics(
                 {f"finetune_{k}": v for k, v in r.items() if k != "epoch"}, o + r["epoch"]),
         )
         epoch_offset += max(1, finetune.epochs)
         row = {"step": step + 1, "kind": spec.kind, "target_rate": spec.target, **measure(model, spec.target),
+               "finetune_epochs": finetune.epochs, "finetune_batch": batch, **spec.extra,
                "val_accuracy": result.best_val_top1}
         ended = False
         if accept is not None and not accept(row):

@@ -224,6 +224,24 @@ def evaluate(
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms asks of cuBLAS (CUDA >= 10.2)
+
+
+def configure_numerics(cfg: OptimConfig, runtime: Runtime) -> None:
+    """Process-wide numerics for a recipe. precision fp32 on CUDA is fp32: TF32 matmuls and convolutions (on by
+    default for cuDNN on Ampere and later) are switched off, as the teams' 2019 GPUs had none. deterministic:
+    deterministic algorithms everywhere (cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first call: the runner
+    sets it when the params load; here it is set if still unset)."""
+    if runtime.device.type == "cuda" and cfg.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
 def autocast(runtime: Runtime, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and runtime.device.type == "cuda" else nullcontext()
 
@@ -277,6 +295,7 @@ def fit(
     wrapped in DDP. `optimizer_state` (a saved state_dict) gives the first optimizer its per-parameter state
     (fastai's moments), the recipe keeps its hyper-parameters; `keep_optimizer` returns the kept epoch's."""
     bf16, channels_last = precision_of(cfg, runtime)
+    configure_numerics(cfg, runtime)
     for net in (model, teacher):
         if net is not None:
             net.to(runtime.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

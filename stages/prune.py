@@ -59,7 +59,7 @@ def prune_command(
         if cfg.method == "channels" and rate < target - 0.02 and runtime.is_main:
             typer.echo(f"warning: prune step reached rate {rate:.4f} < target {target:.4f}: every prunable layer "
                        f"is at prune.max_layer_rate ({cfg.max_layer_rate}); raise it or prune.steps", err=True)
-        return {"rate": rate, "parameters": n}
+        return {"rate": rate, "compression": rate, "parameters": n}
 
     if cfg.method == "eigendamage":
         compress, extra = eigendamage_steps(cfg, params, train_data, runtime, params_before)
@@ -75,13 +75,16 @@ def prune_command(
         if runtime.is_main:
             unpruned = {"rate": 0.0, "parameters": params_before, "val_accuracy": None}  # every step undone
             final = next((r for r in reversed(rows) if not r.get("undone")), unpruned)
+            landed = final["parameters"] <= (1 - cfg.rate) * params_before
             summary = {"rate": final["rate"], "parameters": final["parameters"], "parameters_before": params_before,
-                       "val_accuracy": final["val_accuracy"], "steps": len(rows)}
+                       "val_accuracy": final["val_accuracy"], "steps": len(rows),
+                       "target_rate": cfg.rate, "reached_rate": final["rate"], "steps_used": len(rows),
+                       "steps_allowed": cfg.steps, "target_reached": landed,
+                       "step_kinds": ",".join(r["kind"] for r in rows)}
             runner.publish(track, {metrics: summary, plots: rows}, summary, steps=(plots, rows, "parameters"),
                            checkpoint=(output, make_checkpoint(model, source["arch"], source["args"], stage="prune")))
             runner.clear_steps(output)
             accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
-            landed = final["parameters"] <= (1 - cfg.rate) * params_before
             reached = "" if landed else f" (target {cfg.rate} not reached)"
             typer.echo(f"prune ({cfg.method}): {params_before:,} -> {final['parameters']:,} parameters (rate "
                        f"{final['rate']:.4f}{reached}) in {len(rows)} steps, val accuracy {accuracy} -> {output}")
@@ -116,9 +119,12 @@ def channel_steps(cfg, params, splits, runtime, params_before: int):
 
 def eigendamage_steps(cfg, params, train_data, runtime, params_before: int):
     """Wave's schedule: prune steps (K-FAC statistics on the training split, then the lowest-saliency eigen-
-    directions go) alternating with bring-back steps, each fine-tuned with its own recipe; stop once a prune step
-    reaches prune.rate (that step removes only what is left to reach it), or undo a step that leaves the
-    accuracy its fine-tuning selected on (validation, or test under select: test) below prune.min_accuracy.
+    directions go) while no step has yet left the network smaller than it started, then prune and bring-back
+    steps alternating (micronet.compression.eigendamage.next_step_kind), each fine-tuned with its own recipe, at
+    the batches prune.batch_schedule gives the compression reached (step_batches), and for
+    prune.negative_compression_epochs after a step that leaves it no smaller; stop once a prune step reaches
+    prune.rate (that step removes only what is left to reach it), or undo a step that leaves the accuracy its
+    fine-tuning selected on (validation, or test under select: test) below prune.min_accuracy.
     Every rank runs the same decisions (statistics are all-reduced, eigenbases broadcast, the bring-back draw
     seeded alike)."""
     import math
@@ -126,17 +132,39 @@ def eigendamage_steps(cfg, params, train_data, runtime, params_before: int):
     import torch
 
     from micronet import runner
-    from micronet.compression.eigendamage import BringBackPool, bring_back_step, collect_kfac, prune_step
+    from micronet.compression import count_parameters
+    from micronet.compression.eigendamage import (
+        BringBackPool, bring_back_step, collect_kfac, next_step_kind, prune_step, step_batches,
+    )
     from micronet.training import make_loader
 
-    kinds = ["prune" if k % 2 == 0 or not cfg.back_ratio else "bring_back" for k in range(cfg.steps)]
-    plan = [runner.Step(cfg.rate, cfg.finetune if kind == "prune" else (cfg.bring_back_finetune or cfg.finetune),
-                        kind) for kind in kinds]
+    back_recipe = cfg.bring_back_finetune or cfg.finetune
+    base_batch = cfg.finetune.batch_size or params.data.batch_size
+    base_kfac = cfg.kfac_batch_size or base_batch
+
+    def compressions(rows) -> list[float]:
+        return [r["compression"] for r in rows]
+
+    def plan(step: int, rows) -> runner.Step:
+        kind = next_step_kind([r["kind"] for r in rows], compressions(rows), brings_back=bool(cfg.back_ratio))
+        kfac = step_batches(compressions(rows), cfg.batch_schedule, base_batch, base_kfac)[1]
+        extra = {"kfac_batch": kfac} if kind == "prune" else {}
+        return runner.Step(cfg.rate, cfg.finetune if kind == "prune" else back_recipe, kind, extra)
+
+    def refine(step: int, spec: runner.Step, model, rows) -> runner.Step:
+        compression = 1 - count_parameters(model) / params_before
+        batch = step_batches([*compressions(rows), compression], cfg.batch_schedule, base_batch, base_kfac)[0]
+        update = {"batch_size": batch}
+        if compression <= 0 and cfg.negative_compression_epochs is not None:
+            update["epochs"] = cfg.negative_compression_epochs
+        return runner.Step(spec.target, spec.finetune.model_copy(update=update), spec.kind, spec.extra)
 
     class PoolState(runner.StepState):
         def __init__(self) -> None:
             self.pool = BringBackPool()
             self.generator = torch.Generator().manual_seed(params.train.seed)
+            self.kind = "prune"
+            self.kfac_batch = base_kfac
 
         def to_state(self):
             return {"pool": self.pool.to_state(), "generator": self.generator.get_state()}
@@ -146,14 +174,24 @@ def eigendamage_steps(cfg, params, train_data, runtime, params_before: int):
             self.generator.set_state(state["generator"])
 
     state = PoolState()
-    batch = cfg.finetune.batch_size or params.data.batch_size
+
+    def chosen(step: int, rows) -> runner.Step:
+        spec = plan(step, rows)
+        state.kind, state.kfac_batch = spec.kind, spec.extra.get("kfac_batch", base_kfac)
+        return spec
 
     def compress(model, step: int, target: float) -> None:
-        if kinds[step] == "bring_back":
-            bring_back_step(model, state.pool, cfg.back_ratio, state.generator)
+        if state.kind == "bring_back":
+            bring_back_step(model, state.pool, cfg.back_ratio, state.generator, noise=cfg.back_noise,
+                            shared_noise=cfg.back_noise_shared)
             return None
-        loader = train_data if not isinstance(train_data, torch.utils.data.Dataset) else make_loader(
-            train_data, batch, runtime, train=True, workers=params.data.workers, seed=params.train.seed + step)
+        loader = train_data
+        if isinstance(train_data, torch.utils.data.Dataset):
+            loader = make_loader(train_data, state.kfac_batch, runtime, train=True, workers=params.data.workers,
+                                 seed=params.train.seed + step)
+        elif hasattr(loader, "set_batch_size"):  # the GPU loader: reseeded and resized for this pass
+            loader.set_seed(params.train.seed + step)
+            loader.set_batch_size(max(1, state.kfac_batch // runtime.world_size))
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(step)
         stats = collect_kfac(model, loader, runtime.device, cfg.kfac_batches, exclude=cfg.exclude,
@@ -168,4 +206,5 @@ def eigendamage_steps(cfg, params, train_data, runtime, params_before: int):
     def accurate(row) -> bool:
         return cfg.min_accuracy is None or row["val_accuracy"] is None or row["val_accuracy"] >= cfg.min_accuracy
 
-    return compress, {"plan": plan, "stop": reached, "accept": accurate, "state": state}
+    return compress, {"plan": chosen, "refine": refine, "recipes": [cfg.finetune, back_recipe], "stop": reached,
+                      "accept": accurate, "state": state}

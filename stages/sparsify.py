@@ -60,14 +60,17 @@ def sparsify_command(
         if runtime.is_main:
             report = sparsity_report(model)
             final = rows[-1]
+            landed = final["sparsity"] >= cfg.rate - 1e-3  # global magnitude masks land within a weight or ties
             summary = {"sparsity": final["sparsity"], "sparsity_all_layers": overall_sparsity(report),
-                       "val_accuracy": final["val_accuracy"]}
+                       "val_accuracy": final["val_accuracy"], "target_sparsity": cfg.rate,
+                       "reached_sparsity": final["sparsity"], "steps_used": len(rows), "target_reached": landed}
             runner.publish(track, {metrics: summary, layers: report, plots: rows}, summary,
                            steps=(plots, rows, "sparsity"),
                            checkpoint=(output, make_checkpoint(model, source["arch"], source["args"],
                                                                stage="sparsify")))
             runner.clear_steps(output)
             accuracy = "n/a" if final["val_accuracy"] is None else f"{final['val_accuracy']:.4f}"
-            typer.echo(f"sparsify: {final['sparsity']:.2%} of the eligible weights zero in {len(rows)} steps, "
+            short = "" if landed else f" (target {cfg.rate:.2%} not reached)"
+            typer.echo(f"sparsify: {final['sparsity']:.2%} of the eligible weights zero{short} in {len(rows)} steps, "
                        f"val accuracy {accuracy} -> {output}")
     teardown_runtime(runtime)

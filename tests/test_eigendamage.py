@@ -429,3 +429,25 @@ def test_statistics_of_three_processes_equal_one_process_over_the_same_examples(
         assert_close(A, f.A, atol=1e-6, rtol=1e-5)
         assert_close(G, f.G, atol=1e-7, rtol=1e-5)
         assert_close(s, f.s, atol=1e-7, rtol=1e-3)
+
+
+def test_bring_back_noise_is_a_param_and_wave_draws_it_once_per_layer_and_side():
+    """prune.back_noise scales the perturbation; prune.back_noise_shared draws it once for all of a layer's new
+    rows (Wave: Pruning/utils/prune_utils.py L420-L428, ones(n) * one perturbed last row: identical copies)."""
+    torch.manual_seed(0)
+    layer = FactorizedConv2d(6, 5, 5, 2, 3, padding=1, output_bias=True)
+    model = nn.Sequential(layer)
+    pool = BringBackPool()
+    pool.record("0", 1.0, 0.0, rows=3, cols=0)  # every draw goes to a row
+    bring_back_step(model, pool, 1.0, torch.Generator().manual_seed(3), noise=0.5, shared_noise=True)
+    core, out_w = model[0].core.weight.detach(), model[0].output.weight.detach()
+    new_rows = core[layer.out_rank :]
+    assert len(new_rows) == 3 and all(torch.equal(new_rows[0], r) for r in new_rows)
+    assert all(torch.equal(out_w[:, layer.out_rank], out_w[:, c]) for c in range(layer.out_rank, out_w.shape[1]))
+    last = layer.core.weight.detach()[-1]
+    u = (new_rows[0] - last) / (0.5 * last.abs())
+    assert ((u >= 0) & (u < 1)).all() and u.max() > 0.02  # the 0.5 scale, not NOISE's 0.01
+    zero = nn.Sequential(FactorizedConv2d(6, 5, 5, 2, 3, padding=1))
+    pool.record("0", 1.0, 0.0, rows=2, cols=0)
+    bring_back_step(zero, pool, 1.0, torch.Generator().manual_seed(3), noise=0.0)
+    assert torch.equal(zero[0].core.weight[-1], zero[0].core.weight[-3])  # no noise: exact copies of the last

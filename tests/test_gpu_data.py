@@ -324,3 +324,23 @@ def test_loader_rejects_bad_input():
         GpuCifarLoader([(np.zeros((4, 32, 32, 3), np.float32), np.arange(4), NO_AUG)], 2)
     with pytest.raises(MicronetError, match="rank"):
         _index_loader(10, 2, rank=2, world_size=2)
+
+
+def test_each_step_of_a_multi_step_stage_gets_its_own_batches_and_its_batch_size():
+    """compress_in_steps reseeds the GPU loader from (seed, step): step 2's fine-tuning does not replay step 1's
+    batches (the loader's draws follow (seed, epoch), and every fine-tuning starts at epoch 0)."""
+    from micronet.training import derived_seed
+
+    loader = _index_loader(32, 8, seed=0)
+    epochs = []
+    for step in range(2):
+        loader.set_seed(derived_seed(0, step))
+        loader.set_epoch(0)
+        epochs.append([y.clone() for _, y in loader])
+    assert any(not torch.equal(a, b) for a, b in zip(*epochs))
+    loader.set_seed(derived_seed(0, 0))
+    assert all(torch.equal(a, y) for a, (_, y) in zip(epochs[0], loader))  # a resumed step draws the same
+    loader.set_batch_size(4)
+    assert len(loader) == 8 and all(len(y) == 4 for _, y in loader)
+    with pytest.raises(MicronetError):
+        loader.set_batch_size(64)

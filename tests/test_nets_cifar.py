@@ -230,3 +230,45 @@ def test_micronet_v2_official_count():
     macs = sum(l.mults for l in c.layers if l.kind in ("conv", "linear"))
     discarded_se = 2 * (36 * 9 + 80 * 20 + 88 * 22)
     assert round((macs + discarded_se) / 1e6, 2) == 39.48
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_shakedrop_gates_the_whole_batch_as_wave_and_scales_each_image(p):
+    """Wave's ShakeDrop (mhariat/MicroNet@611cfb1 Pruning/models/shakedrop.py L14-L21): one Bernoulli gate per
+    batch; a dropped batch has every image scaled by its own alpha in [-1, 1]."""
+    from micronet.nets.pyramidnet import ShakeDrop
+
+    torch.manual_seed(0)
+    block = ShakeDrop(p).train()
+    x = torch.ones(16, 3, 2, 2)
+    untouched = dropped = 0
+    for _ in range(60):
+        y = block(x)
+        if torch.equal(y, x):
+            untouched += 1
+            continue
+        dropped += 1
+        per_image = y.flatten(1)
+        assert torch.equal(per_image, per_image[:, :1].expand_as(per_image))  # one alpha per image
+        assert per_image.abs().max() <= 1 and len(per_image[:, 0].unique()) > 1  # ... and alphas differ
+        assert not (per_image[:, 0] == 1).any()  # no image of a dropped batch kept its gate
+    assert untouched and dropped
+    x = torch.ones(8, 3, requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad.shape == x.shape and (x.grad <= 1).all() and (x.grad >= 0).all()
+    assert torch.equal(block.eval()(x), x * (1 - p))
+
+
+def test_shakedrop_per_image_gate_is_an_option():
+    from micronet.nets.pyramidnet import ShakeDrop
+
+    torch.manual_seed(0)
+    y = ShakeDrop(0.5, gate="image").train()(torch.ones(256, 1))
+    kept = (y == 1).float().mean().item()
+    assert 0.3 < kept < 0.7  # some images kept, some scaled, in the same batch
+    model = create_model("pyramidnet", depth=11, alpha=4, num_classes=10, shakedrop_gate="image")
+    assert {m.gate for m in model.modules() if hasattr(m, "gate")} == {"image"}
+    assert {m.gate for m in create_model("pyramidnet", depth=11, alpha=4).modules() if hasattr(m, "gate")} == \
+        {"batch"}
+    with pytest.raises(ValueError):
+        ShakeDrop(0.5, gate="channel")

@@ -271,3 +271,37 @@ def test_recipes_that_contradict_themselves_are_refused():
         ScheduleConfig(kind="onecycle", warmup_epochs=2)
     with pytest.raises(MicronetError, match="replace the labels"):
         recipe.Criterion(LossConfig(label_smoothing=0.1), MixingConfig(), num_classes=3, teacher=nn.Linear(2, 3))
+
+
+# ---- the teams' recipes name their source -------------------------------------------------------------------
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+RECIPE_FILES = sorted((Path(__file__).resolve().parents[1] / "micronet/assets/recipes").glob("*.yaml"))
+TEAM_REPOSITORY = {  # /work/shared/docs/submissions.md §0: the repository and commit read for each pipeline
+    "wave": "mhariat/MicroNet", "kaist": "Kthyeon/KAIST-AI-NeurIPS2019-MicroNet-2nd-place-solution",
+    "fastai-wrn": "divyanshj16/micronet", "uci": "logichen/UCI-CIFAR-100", "dnw": "mitchellnw/micro-net-dnw",
+}
+CITATION = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)@(?P<commit>[0-9a-f]{7,40}):(?P<path>[^#\s]+)(?P<line>#L\d+(-L\d+)?)?")
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_every_recipe_value_cites_where_it_is_in_the_teams_code(path):
+    """Each value of assets/recipes/<pipeline>.yaml has a `sources` entry: repo@commit:path#Lnn in the team's
+    repository, or a sentence that starts "not found" and says where the value comes from instead."""
+    recipe = yaml.safe_load(path.read_text())
+    values, sources = recipe["values"], recipe.get("sources") or {}
+    assert set(sources) == set(values), (f"{path.name}: no source for {sorted(set(values) - set(sources))}, "
+                                         f"a source for no value: {sorted(set(sources) - set(values))}")
+    for key, source in sources.items():
+        assert isinstance(source, str) and source.strip(), f"{path.name}: {key} has an empty source"
+        if source.startswith("not found"):
+            assert "submissions.md" in source or "@" in source, f"{path.name}: {key}: say where it comes from"
+            continue
+        cited = CITATION.match(source)
+        assert cited, f"{path.name}: {key}: {source!r} is neither repo@commit:path#Lnn nor 'not found ...'"
+        assert cited["repo"] == TEAM_REPOSITORY[recipe["pipeline"]], f"{path.name}: {key} cites {cited['repo']}"
+        assert cited["line"] or "no line" in source, f"{path.name}: {key}: {source!r} names no line"

@@ -239,3 +239,82 @@ def test_dnw_stage_under_torchrun_two_gloo_processes(tmp_path):
     assert all(r["nonzero"] == r["numel"] - int(0.9 * r["numel"]) for r in layers.values())
     state = torch.load(tmp_path / "m.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert not any("parametrizations" in k for k in state)  # baked: plain weights with exact zeros
+
+
+@pytest.fixture
+def numerics():
+    """Leave the process-wide switches as the test found them."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    import os
+
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.use_deterministic_algorithms(saved[2])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3:]
+    if env is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = env
+
+
+def test_fp32_on_cuda_switches_tf32_off_and_deterministic_is_opt_in(numerics):
+    import os
+
+    from micronet.training import configure_numerics
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cuda = Runtime(torch.device("cuda"))  # the flags only: nothing runs on the device
+    configure_numerics(OptimConfig(precision="bf16"), cuda)
+    configure_numerics(OptimConfig(precision="fp32"), CPU)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # bf16 / CPU: untouched
+    assert not torch.are_deterministic_algorithms_enabled()  # off by default
+    configure_numerics(OptimConfig(precision="fp32"), cuda)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    configure_numerics(OptimConfig(precision="fp32", deterministic=True), CPU)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_fit_under_deterministic_gives_the_same_weights_twice(numerics):
+    cfg = OptimConfig(epochs=1, lr=0.05, precision="fp32", deterministic=True, select="last")
+    runs = []
+    for _ in range(2):
+        model = small_net()
+        fit(model, blobs(), None, cfg, CPU, batch_size=32, seed=3)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(*runs) and torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_fit_on_cuda_runs_without_tf32(numerics):
+    cuda = Runtime(torch.device("cuda"))
+    fit(small_net(), blobs(64), None, OptimConfig(epochs=1, precision="fp32", select="last"), cuda, batch_size=32)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_weight_decay_exemption_sees_through_parametrizations():
+    """QAT parametrizes weights and biases (`parametrizations.weight.original`): decay_norm_and_bias false must
+    still exempt BatchNorm parameters and biases by the parameter they stand for."""
+    import torch.nn.utils.parametrize as parametrize
+
+    from micronet.recipe import parameter_groups, underlying_name
+
+    class Same(nn.Module):
+        def forward(self, w):
+            return w
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    for module, name in [(model[0], "weight"), (model[0], "bias"), (model[1], "weight"), (model[2], "weight")]:
+        parametrize.register_parametrization(module, name, Same())
+    assert underlying_name("0.parametrizations.weight.original") == ("0", "weight")
+    assert underlying_name("1.bias") == ("1", "bias")
+    decayed, exempt = parameter_groups(model, 5e-4, decay_norm_and_bias=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["0.parametrizations.weight.original",
+                                                                "2.parametrizations.weight.original"]
+    assert sorted(names[id(p)] for p in exempt["params"]) == [
+        "0.parametrizations.bias.original", "1.bias", "1.parametrizations.weight.original", "2.bias"]

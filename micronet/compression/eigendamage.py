@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -698,13 +698,17 @@ def _room(unit: Unit) -> tuple[int, int]:
     return unit.output.weight.shape[0] - unit.out_rank, full_in - unit.in_rank
 
 
-def _copies(last: torch.Tensor, n: int, dim: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n copies of a slice (size 1 along `dim`), each last + NOISE * |last| * U[0, 1) with its own draw
-    (Wave's perturbation, which nudges every entry upwards)."""
+def _copies(last: torch.Tensor, n: int, dim: int, generator: Optional[torch.Generator], noise: float = NOISE,
+            shared: bool = False) -> torch.Tensor:
+    """n copies of a slice (size 1 along `dim`), each last + noise * |last| * U[0, 1) (Wave's perturbation, which
+    nudges every entry upwards), each with its own draw, or with `shared` one draw for all n (Wave's code:
+    mhariat/MicroNet@611cfb1 Pruning/utils/prune_utils.py L420-L428, new rows = ones * one perturbed last row, so
+    the copies are identical)."""
     shape = list(last.shape)
-    shape[dim] = n
-    noise = torch.rand(shape, generator=generator, dtype=torch.float32).to(last.device, last.dtype)
-    return last + NOISE * last.abs() * noise
+    shape[dim] = 1 if shared else n
+    draw = torch.rand(shape, generator=generator, dtype=torch.float32).to(last.device, last.dtype)
+    out = last + noise * last.abs() * draw
+    return out.expand(*[n if d == dim else -1 for d in range(out.dim())]).clone() if shared else out
 
 
 def bring_back_step(
@@ -712,11 +716,14 @@ def bring_back_step(
     pool: BringBackPool,
     back_ratio: float = 0.25,
     generator: Optional[torch.Generator] = None,
+    noise: float = NOISE,
+    shared_noise: bool = False,
 ) -> dict[str, Any]:
     """Grow the factorized layers by int(back_ratio * what the last prune step deleted) rows and columns, drawn
     across layers in proportion to the pool's scores (a CPU `generator` makes it reproducible). A new core
-    row/column is a perturbed copy of the layer's last (weakest) one, and the rotations gain matching
-    rows/columns the same way. Empties the pool's deleted counts. Returns a JSON-ready report."""
+    row/column is a perturbed copy of the layer's last (weakest) one (relative `noise`, per copy or, with
+    `shared_noise`, one draw per layer and side as Wave), and the rotations gain matching rows/columns the same
+    way. A layer grows at most to full rank (its room); what does not fit is drawn again elsewhere. Empties the pool's deleted counts. Returns a JSON-ready report."""
     if not 0.0 <= back_ratio <= 1.0:
         raise MicronetError(f"back_ratio must be in [0, 1], got {back_ratio}")
     units = {}
@@ -736,7 +743,7 @@ def bring_back_step(
         for name, (n_rows, n_cols) in added.items():
             unit = units[name]
             if n_rows or n_cols:
-                replace_module(model, name, _grown(unit, n_rows, n_cols, generator))
+                replace_module(model, name, _grown(unit, n_rows, n_cols, generator, noise, shared_noise))
             layers[name] = {"rows_added": n_rows, "cols_added": n_cols, "out_rank": unit.out_rank + n_rows,
                             "in_rank": unit.in_rank + n_cols}
     pool.deleted_rows = {n: 0 for n in pool.deleted_rows}
@@ -750,18 +757,54 @@ def bring_back_step(
     }
 
 
-def _grown(unit: Unit, n_rows: int, n_cols: int, generator: Optional[torch.Generator]) -> nn.Module:
+def _grown(unit: Unit, n_rows: int, n_cols: int, generator: Optional[torch.Generator], noise: float = NOISE,
+           shared: bool = False) -> nn.Module:
     core = unit.core.weight.detach()
     core = core.reshape(core.shape[0], core.shape[1], -1)
     in_w, in_b = _input_map(unit)
     out_w, out_b = _output_map(unit)
     if n_cols:
-        core = torch.cat([core, _copies(core[:, -1:], n_cols, 1, generator)], 1)
+        core = torch.cat([core, _copies(core[:, -1:], n_cols, 1, generator, noise, shared)], 1)
         # the input rotation's rows, bias included, are the input directions: [W | b] grows as one matrix
         rows = in_w if in_b is None else torch.cat([in_w, in_b[:, None]], 1)
-        rows = torch.cat([rows, _copies(rows[-1:], n_cols, 0, generator)], 0)
+        rows = torch.cat([rows, _copies(rows[-1:], n_cols, 0, generator, noise, shared)], 0)
         in_w, in_b = (rows, None) if in_b is None else (rows[:, :-1], rows[:, -1])
     if n_rows:
-        core = torch.cat([core, _copies(core[-1:], n_rows, 0, generator)], 0)
-        out_w = torch.cat([out_w, _copies(out_w[:, -1:], n_rows, 1, generator)], 1)
+        core = torch.cat([core, _copies(core[-1:], n_rows, 0, generator, noise, shared)], 0)
+        out_w = torch.cat([out_w, _copies(out_w[:, -1:], n_rows, 1, generator, noise, shared)], 1)
     return _build(unit, in_w, in_b, core, out_w, out_b)
+
+
+# ---- Wave's schedule: which step comes next, and at which batch ----------------------------------------------
+
+
+def next_step_kind(kinds: Sequence[str], compressions: Sequence[float], brings_back: bool = True) -> str:
+    """The kind of the next step ("prune" or "bring_back") from the kinds of the steps so far and the compression
+    (1 - params/params0) each left. Wave (Pruning/main_prune.py, mhariat/MicroNet@611cfb1, L140-146 and L168-169):
+    a prune step sets pool.it odd, so the next one brings back, unless no step has yet left the network smaller
+    than it started (`trigger_back` false: pool.it reset to 0), in which case it prunes again; a bring-back step
+    sets pool.it even, so a prune follows (improved_eigen_damage_multi.py L429-438)."""
+    if len(kinds) != len(compressions):
+        raise ValueError(f"{len(kinds)} kinds but {len(compressions)} compressions")
+    if not brings_back or not kinds or kinds[-1] == "bring_back":
+        return "prune"
+    return "bring_back" if any(c > 0 for c in compressions) else "prune"
+
+
+def step_kinds(compressions: Sequence[float], brings_back: bool = True) -> list[str]:
+    """The kinds of steps 1..n when step k leaves compressions[k] (next_step_kind applied step by step)."""
+    kinds: list[str] = []
+    for k in range(len(compressions)):
+        kinds.append(next_step_kind(kinds, compressions[:k], brings_back))
+    return kinds
+
+
+def step_batches(compressions: Sequence[float], rules: Sequence[Any], finetune: int, kfac: int) -> tuple[int, int]:
+    """(fine-tune batch, K-FAC batch) once the steps so far left `compressions`: the last of `rules` (objects with
+    above, finetune, kfac) whose `above` the largest compression so far exceeds, else the defaults. Sticky, as
+    Wave's loaders are rebuilt only the first time a threshold is crossed (main_prune.py L140-160)."""
+    reached = max(compressions, default=float("-inf"))
+    for rule in rules:
+        if reached > rule.above:
+            finetune, kfac = rule.finetune, rule.kfac
+    return finetune, kfac

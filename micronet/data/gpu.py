@@ -529,6 +529,18 @@ class GpuCifarLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_seed(self, seed: int) -> None:
+        """A new base seed for the order and the draws: a multi-step stage gives each step (seed, step)'s, so
+        the fine-tuning after step 2 does not replay step 1's batches."""
+        self.seed = int(seed)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """This rank's batch from now on (Wave's per-compression fine-tune batches)."""
+        if batch_size < 1 or self.num_samples // batch_size == 0 and self.drop_last:
+            raise MicronetError(f"the training split ({self.total} images over {self.world_size} ranks) holds fewer "
+                                f"images per rank than one batch ({batch_size})")
+        self.batch_size = int(batch_size)
+
     def epoch_indices(self, epoch: Optional[int] = None) -> Tensor:
         """This rank's global indices for the epoch (CPU), DistributedSampler's order exactly."""
         epoch = self.epoch if epoch is None else epoch

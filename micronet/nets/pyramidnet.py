@@ -4,7 +4,7 @@ shortcuts, 2x2 average-pool downsampling on the shortcut, no bias in any conv.""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -14,40 +14,51 @@ from pydantic import Field
 from micronet.nets import NumClasses, Probability, register_model
 
 
+Gate = Literal["batch", "image"]
+
+
 class _ShakeDropFn(torch.autograd.Function):
-    """Forward scales dropped samples by alpha ~ U[-1, 1], backward by an independent beta ~ U[0, 1]."""
+    """Forward scales a dropped branch by alpha ~ U[-1, 1] per image, backward by an independent beta ~ U[0, 1]
+    per image. gate "batch" (Wave's code: one Bernoulli draw for the whole batch, mhariat/MicroNet@611cfb1
+    Pruning/models/shakedrop.py L14-L21): the batch is either untouched or every image scaled by its own alpha;
+    "image": one gate per image (the ShakeDrop paper's formulation). Neither syncs with the host."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, drop_prob: float, per_image: bool = False) -> torch.Tensor:
         shape = (x.size(0),) + (1,) * (x.dim() - 1)
-        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - drop_prob)
-        ctx.save_for_backward(keep)
+        gate_shape = shape if per_image else (1,) * x.dim()
+        keep = torch.empty(gate_shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - drop_prob)
         alpha = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(-1.0, 1.0)
+        ctx.save_for_backward(keep)
+        ctx.n = x.size(0)
         return x * (keep + (1.0 - keep) * alpha)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        beta = torch.rand_like(keep)
-        return grad * (keep + (1.0 - keep) * beta), None
+        beta = torch.rand((ctx.n,) + (1,) * (grad.dim() - 1), device=grad.device, dtype=grad.dtype)
+        return grad * (keep + (1.0 - keep) * beta), None, None
 
 
 class ShakeDrop(nn.Module):
     """Stochastic residual perturbation; at eval the branch is scaled by its expectation (1 - p)."""
 
-    def __init__(self, drop_prob: float):
+    def __init__(self, drop_prob: float, gate: Gate = "batch"):
         super().__init__()
+        if gate not in ("batch", "image"):
+            raise ValueError(f"ShakeDrop gate must be 'batch' or 'image', got {gate!r}")
         self.drop_prob = float(drop_prob)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob <= 0.0:
             return x
         if self.training:
-            return _ShakeDropFn.apply(x, self.drop_prob)
+            return _ShakeDropFn.apply(x, self.drop_prob, self.gate == "image")
         return x * (1.0 - self.drop_prob)
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.4f}"
+        return f"drop_prob={self.drop_prob:.4f}, gate={self.gate}"
 
 
 def pad_channels(shortcut: torch.Tensor, channels: int) -> torch.Tensor:
@@ -59,7 +70,7 @@ def pad_channels(shortcut: torch.Tensor, channels: int) -> torch.Tensor:
 class PyramidBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int, drop_prob: float):
+    def __init__(self, in_channels: int, width: int, stride: int, drop_prob: float, gate: Gate = "batch"):
         super().__init__()
         out_channels = width * self.expansion
         self.bn1 = nn.BatchNorm2d(in_channels)
@@ -69,7 +80,7 @@ class PyramidBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn4 = nn.BatchNorm2d(out_channels)
-        self.shake_drop = ShakeDrop(drop_prob)
+        self.shake_drop = ShakeDrop(drop_prob, gate)
         self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if stride != 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +99,7 @@ class PyramidNet(nn.Module):
         num_classes: int = 100,
         shakedrop: float = 0.5,
         stem_channels: int = 16,
+        shakedrop_gate: Gate = "batch",
     ):
         super().__init__()
         if (depth - 2) % 9:
@@ -107,7 +119,8 @@ class PyramidNet(nn.Module):
                 width_float += add_rate
                 width = int(round(width_float))
                 drop_prob = shakedrop * (index + 1) / total_blocks
-                blocks.append(PyramidBottleneck(in_channels, width, stride if b == 0 else 1, drop_prob))
+                blocks.append(PyramidBottleneck(in_channels, width, stride if b == 0 else 1, drop_prob,
+                                                shakedrop_gate))
                 in_channels = width * PyramidBottleneck.expansion
                 index += 1
             stages.append(nn.Sequential(*blocks))
@@ -134,12 +147,16 @@ class PyramidNet(nn.Module):
 
 @register_model
 def pyramidnet(depth: Annotated[int, Field(ge=11)] = 272, alpha: Annotated[float, Field(ge=0)] = 200,
-               num_classes: NumClasses = 100, shakedrop: Probability = 0.5) -> PyramidNet:
-    """Bottleneck PyramidNet of any depth 9n+2 and widening alpha."""
-    return PyramidNet(depth=depth, alpha=alpha, num_classes=num_classes, shakedrop=shakedrop)
+               num_classes: NumClasses = 100, shakedrop: Probability = 0.5,
+               shakedrop_gate: Gate = "batch") -> PyramidNet:
+    """Bottleneck PyramidNet of any depth 9n+2 and widening alpha; shakedrop_gate batch (Wave) or image."""
+    return PyramidNet(depth=depth, alpha=alpha, num_classes=num_classes, shakedrop=shakedrop,
+                      shakedrop_gate=shakedrop_gate)
 
 
 @register_model
-def pyramidnet272(num_classes: NumClasses = 100, shakedrop: Probability = 0.5) -> PyramidNet:
+def pyramidnet272(num_classes: NumClasses = 100, shakedrop: Probability = 0.5,
+                  shakedrop_gate: Gate = "batch") -> PyramidNet:
     """PyramidNet-272, alpha 200: the Wave Computing submission's network (26,288,692 parameters)."""
-    return PyramidNet(depth=272, alpha=200, num_classes=num_classes, shakedrop=shakedrop)
+    return PyramidNet(depth=272, alpha=200, num_classes=num_classes, shakedrop=shakedrop,
+                      shakedrop_gate=shakedrop_gate)
