@@ -146,9 +146,11 @@ def test_dnw_toy_pipeline(tmp_path):
 
 def test_kaist_wave_toy_pipeline(tmp_path):
     """A released KAIST file (here a random one in their layout, 60 % masked) imported, quantized with Wave's
-    method and fine-tuned quantization-aware: score under the winner's 0.0044, KAIST's zeros kept, weights on the
-    9-bit grid, fidelity metrics, one MLflow parent run."""
-    from micronet.compression.quantize import quantize_tensor
+    method (per-channel exponents, depthwise convs at 12 bits) and fine-tuned quantization-aware: score under the
+    winner's 0.0044, KAIST's zeros kept, every weight on the grid its layer declares, fidelity metrics, one MLflow
+    parent run."""
+    from micronet.checkpoint import load_model
+    from micronet.compression.quantize import off_grid
 
     def shrink(toy: dict) -> None:
         toy["data"]["synthetic"].update(train=60, test=50)  # the real MicroNet: every image costs
@@ -166,9 +168,12 @@ def test_kaist_wave_toy_pipeline(tmp_path):
     weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() >= 2]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.6, abs=0.002)
-    assert ckpt["quantization"]["weight_bits"] == 9
-    for w in weights:  # some power-of-two 9-bit grid holds every weight exactly
-        assert any(torch.equal(w, quantize_tensor(w, 9, e)) for e in range(-4, 24))
+    spec = ckpt["quantization"]
+    assert spec["weight_bits"] == 9 and spec["weight_exponents"] == "per_channel"
+    bits = spec["layer_weight_bits"]  # KAIST's depthwise convs at 12 bits, the rest at 9
+    assert {b for n, b in bits.items() if n.startswith("layers.") and n.endswith(".conv2")} == {12}
+    assert bits["conv1"] == 9 and bits["linear"] == 9 and bits["layers.0.conv1"] == 9
+    assert off_grid(load_model(pipeline / "models/quantize.pt")[0]) == []  # each channel on its declared grid
     quantize = json.loads((pipeline / "metrics/quantize.json").read_text())
     assert 0.5 <= quantize["agreement"] <= 1 and 0 < quantize["logit_relative_error"] < 0.5
     assert {"val_accuracy_ptq", "agreement_ptq"} <= set(quantize)

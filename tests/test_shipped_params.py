@@ -38,6 +38,9 @@ def _combinations() -> list[tuple[Path, tuple[Path, ...]]]:
             found.append((pipeline / "params.yaml", toy))
         if (pipeline / "digits.yaml").is_file():
             found.append((pipeline / "params.yaml", (*toy, pipeline / "digits.yaml")))
+        for overlay in sorted(pipeline.glob("*.yaml")):  # any other overlay (kaist-wave's cpu.yaml) on full scale
+            if overlay.name not in ("params.yaml", "toy.yaml", "digits.yaml", "dvc.yaml"):
+                found.append((pipeline / "params.yaml", (overlay,)))
     return found
 
 
