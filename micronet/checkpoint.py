@@ -4,7 +4,6 @@ written atomically, read with `weights_only=True`, rebuilt without any pruning c
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 import pickle
@@ -20,17 +19,9 @@ from micronet.compression.factorized import apply_factorization_plan, factorizat
 from micronet.compression.quantize import apply_quantization_spec, quantization_spec
 from micronet.errors import MicronetError
 from micronet.nets import create_model, validate_args
+from micronet.paths import file_digest  # noqa: F401  (re-exported: importers and runner take it from here)
 
 FORMAT = "micronet-checkpoint/1"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file read in 1 MiB blocks: checkpoints can be larger than one wants in memory twice."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",

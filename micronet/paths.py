@@ -6,11 +6,22 @@ root pipeline). Everything that must outlive the copy (the MLflow store, untrack
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Optional
 
 EXPS_MARKER = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file read in 1 MiB blocks: checkpoints and data files can be larger than one wants in memory
+    twice."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _first_with(start: Path, names: tuple[str, ...], stop: Optional[Path] = None) -> Optional[Path]:

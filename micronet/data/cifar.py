@@ -21,7 +21,7 @@ from torchvision.datasets.vision import StandardTransform
 from micronet.augment import Cutout, FastAutoAugment, load_policy
 from micronet.config import AugmentConfig, DataConfig, SynthConfig
 from micronet.errors import MicronetError
-from micronet.paths import untracked_input
+from micronet.paths import file_digest, untracked_input
 from micronet.data.splits import Splits, split_indices
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -96,11 +96,7 @@ _MD5_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def _hash_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def file_md5(path: Path) -> str:
