@@ -70,7 +70,10 @@ def test_repro_then_experiment(repo, monkeypatch):
     # plain rebuild computes what was saved
     prune = json.loads((demo / "metrics/prune.json").read_text())
     assert 0.3 <= prune["rate"] <= 0.31 and prune["parameters"] < prune["parameters_before"]  # lands on the rate
-    assert set(prune) == {"rate", "parameters", "parameters_before", "val_accuracy", "steps"}  # measured numbers
+    assert set(prune) == {"rate", "parameters", "parameters_before", "val_accuracy", "steps",  # measured numbers
+                          "target_rate", "reached_rate", "steps_used", "steps_allowed", "step_kinds", "target_reached"}
+    assert prune["target_reached"] is True and prune["reached_rate"] == prune["rate"] and prune["target_rate"] == 0.3
+    assert prune["steps_used"] == prune["steps"] == len(prune["step_kinds"].split(","))
     pruned = torch.load(demo / "models/prune.pt", map_location="cpu", weights_only=True)
     assert pruned["factorization"] and all(v["kind"] in ("conv", "linear") for v in pruned["factorization"].values())
     kinds = [line.split(",")[1] for line in (demo / "metrics/plots/prune.csv").read_text().splitlines()[1:]]
