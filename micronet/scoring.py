@@ -56,7 +56,8 @@ def _task(task: str) -> dict[str, Any]:
 
 @dataclass
 class LayerCount:
-    """One counted op. `bits` is the bit width its multiplies are charged at."""
+    """One counted op. `bits` is the bit width its multiplies are charged at: for a conv/linear the wider of
+    `weight_bits` (its stored weights) and `activation_bits` (its input); None where the op has no such operand."""
 
     name: str
     kind: str
@@ -67,6 +68,8 @@ class LayerCount:
     param_bits: float
     mults: float
     adds: float
+    weight_bits: Optional[float] = None
+    activation_bits: Optional[float] = None
 
 
 @dataclass
@@ -107,7 +110,8 @@ class Count:
     def table(self, tasks: Sequence[str] = ("cifar100", "imagenet")) -> str:
         """Per-layer summary in the organizers' style, then the totals and the score on each of `tasks` (the
         normalizers differ per track: a score without its task means nothing)."""
-        head = ("name", "kind", "in shape", "out shape", "sparsity", "bits", "param bits", "mults", "adds")
+        head = ("name", "kind", "in shape", "out shape", "sparsity", "weight bits", "act bits", "bits", "param bits",
+                "mults", "adds")
         rows = [
             (
                 l.name,
@@ -115,6 +119,8 @@ class Count:
                 "x".join(map(str, l.input_shape)),
                 "x".join(map(str, l.output_shape)),
                 f"{l.sparsity:.4f}",
+                "-" if l.weight_bits is None else _fmt(l.weight_bits),
+                "-" if l.activation_bits is None else _fmt(l.activation_bits),
                 _fmt(l.bits),
                 _fmt(l.param_bits),
                 _fmt(l.mults),
@@ -184,6 +190,9 @@ class _Row:
     has_bias: bool = False
     bias_bits: float = 32.0
     bias_quantized: bool = False
+    # conv/linear: the stored weights' bits and the input's (their wider one is mult_bits when quantized)
+    weight_bits: Optional[float] = None
+    activation_bits: Optional[float] = None
     # the nn.Module whose own parameter the op used (conv/linear weight, BN running_mean), if any
     module: Optional[nn.Module] = None
     module_name: str = ""
@@ -462,6 +471,8 @@ class _Tracer(TorchFunctionMode):
             has_bias=bias is not None,
             bias_bits=w_bits,
             bias_quantized=w_quant,
+            weight_bits=w_bits,
+            activation_bits=self.info[x].bits if self.quantized else None,
         )
         row.module, row.module_name = self._owning_module(w, "weight")
         self._add_row(row, out)
@@ -676,7 +687,7 @@ class _Tracer(TorchFunctionMode):
                     seen.add(s.key)
                     param_bits += s.bits_total()
             layers.append(LayerCount(r.name, r.kind, r.input_shape, r.output_shape, r.sparsity, r.mult_bits,
-                                     param_bits, r.mults, r.adds))
+                                     param_bits, r.mults, r.adds, r.weight_bits, r.activation_bits))
         return layers
 
     def _fold_batch_norms(self) -> None:

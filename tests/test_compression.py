@@ -349,6 +349,9 @@ def test_per_channel_exponents_and_per_layer_bits_are_stored_counted_and_reloade
         bias = layer.bias.numel() * bits + EXPONENT_BITS
         assert row.param_bits == weight + bias, (name, row)
     assert by_kind["linear"].bits == 8  # max(6-bit weights, 8-bit activations)
+    assert (by_kind["linear"].weight_bits, by_kind["linear"].activation_bits) == (6, 8)
+    head = counted.table(tasks=["cifar100"]).splitlines()[0]
+    assert "weight bits" in head and "act bits" in head  # the count table says both apart
     path = tmp_path / "q.pt"
     atomic_save(make_checkpoint(model, "tiny", {}), path)
     ckpt = torch.load(path, weights_only=True)

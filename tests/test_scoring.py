@@ -406,8 +406,8 @@ def test_training_mode_and_threads_are_restored():
 def test_table_and_dict():
     c = count(ModuleNet(), (3, 16, 16))
     text = c.table()
-    for word in ("name", "kind", "in shape", "out shape", "sparsity", "bits", "param bits", "mults", "adds",
-                 "conv1+bn1", "params", "flops", "score"):
+    for word in ("name", "kind", "in shape", "out shape", "sparsity", "weight bits", "act bits", "bits", "param bits",
+                 "mults", "adds", "conv1+bn1", "params", "flops", "score"):
         assert word in text
     assert f"{c.mults:,.0f}" in text
     assert f"score       {c.score('imagenet'):.6f}  (imagenet)" in c.table(tasks=["imagenet"])
