@@ -12,9 +12,10 @@ DEVICE ?= cuda
 # Threads torch uses in each stage of `make demo`, exported as OMP_NUM_THREADS and printed at its start: 2, or the
 # OMP_NUM_THREADS already in the environment (a test worker's share of the cores); the README's timings say at how many.
 THREADS ?= $(or $(OMP_NUM_THREADS),2)
-# `make exp-show`: what each run scored (the score stage's headline metrics) and the params that differ between runs;
-# every other metric, and the deps' hashes, are dropped (DVC matches these regexes from the column name's start).
-EXP_HEADLINE := accuracy|params|flops|score|qualifies
+# `make exp-show`: what each run scored (the score stage's headline metrics), the pruning rate it reached (prune.rate
+# is only what it asked for) and the params that differ between runs; every other metric, and the deps' hashes, are
+# dropped (DVC matches these regexes from the column name's start).
+EXP_HEADLINE := accuracy|params|flops|score|qualifies|reached_rate
 EXP_DROP := (?!.*\.)(?!(Experiment|Created|$(EXP_HEADLINE))$$).*|.*[:/].*
 
 .PHONY: help install demo exp-show test test-fast bench gpu-check report screenshots mlflow-ui clean-demo

@@ -267,6 +267,24 @@ class FitResult:
 EpochCallback = Callable[[dict[str, float]], None]
 
 
+# Seconds between progress lines when the bar is off (output not a terminal: DVC, CI, `nohup`, a log file), so a
+# long epoch shows it is alive; a terminal gets tqdm's bar instead.
+PROGRESS_SECONDS = 30.0
+
+
+class Heartbeat:
+    """One progress line every PROGRESS_SECONDS: step, images so far in this process, their rate."""
+
+    def __init__(self, label: str, steps: int, started: float) -> None:
+        self.label, self.steps, self.started, self.last = label, steps, started, started
+
+    def tick(self, step: int, images: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        tqdm.write(f"{self.label}: step {step}/{self.steps}, {images / max(now - self.started, 1e-9):.0f} images/s")
+
 def fit(
     model: nn.Module,
     train_set: Dataset | Iterable,
@@ -359,6 +377,8 @@ def fit(
         seen = 0  # counted on the host: building a device tensor from it each batch would wait for the GPU
         bar = tqdm(total=steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if not runtime.is_main else None,
                    leave=False, mininterval=1.0)
+        heartbeat = Heartbeat(f"{desc} {epoch + 1}/{cfg.epochs}", steps, started) if runtime.is_main and bar.disable \
+            else None
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps:
                 break
@@ -376,6 +396,8 @@ def fit(
                 totals[1] += (logits.argmax(1) == labels).sum()
                 seen += labels.numel()
             bar.update(1)
+            if heartbeat is not None:
+                heartbeat.tick(step + 1, seen)
             _test_kill_switch()
             if not bar.disable and step % 50 == 0:  # reading the loss waits for the GPU: not every batch
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

@@ -161,7 +161,7 @@ def test_repro_then_experiment(repo, monkeypatch):
     shown = run(["make", "-s", "exp-show", "UV=/usr/bin/true", "RUN="], repo, env)
     assert max(len(line) for line in shown.splitlines()) <= 160, shown
     header = next(line for line in shown.splitlines() if "Experiment" in line)
-    assert all(column in header for column in ("accuracy", "score", "prune.rate")), shown
+    assert all(column in header for column in ("accuracy", "score", "prune.rate", "reached_rate")), shown
     assert "prune.rate" in header and "sparsify.rate" not in header  # params that differ between runs only
 
     # Sharing: the experiment goes to a git remote and its checkpoints to the pipeline's default DVC remote

@@ -39,6 +39,16 @@ def test_fit_learns_and_keeps_the_best_validation_epoch():
     assert result.best_val_top1 == max(r["val_acc"] for r in result.history)
 
 
+def test_progress_lines_outside_a_terminal(capsys, monkeypatch):
+    """Output that is not a terminal (DVC, CI, a log file) gets no bar: a line every PROGRESS_SECONDS instead."""
+    import micronet.training as training
+
+    monkeypatch.setattr(training, "PROGRESS_SECONDS", 0.0)
+    fit(small_net(), blobs(), None, OptimConfig(epochs=1, lr=0.1, select="last"), CPU, batch_size=32, desc="train")
+    lines = [l for l in capsys.readouterr().out.splitlines() if "images/s" in l]
+    assert lines[0].startswith("train 1/1: step 1/8, ") and lines[-1].startswith("train 1/1: step 8/8, ")
+
+
 def test_select_last_keeps_the_final_epoch_and_optimizer_state_carries_on():
     """select: last keeps the final weights (the validation split, if any, only draws curves); the kept epoch's
     optimizer state, given to the next fit, continues its moments (fastai's learn.save/load) under the new
