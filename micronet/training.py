@@ -285,6 +285,7 @@ class Heartbeat:
         self.last = now
         tqdm.write(f"{self.label}: step {step}/{self.steps}, {images / max(now - self.started, 1e-9):.0f} images/s")
 
+
 def fit(
     model: nn.Module,
     train_set: Dataset | Iterable,
