@@ -123,6 +123,15 @@ def _on_sigint(signum, frame) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def one_line(exc: MicronetError) -> str:
+    """The message; raised in a DataLoader worker (an unreadable image), torch re-raises it in the main process with
+    the worker's traceback prepended, whose last line is the message."""
+    message = str(exc)
+    if "\nOriginal Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(f"{MicronetError.__name__}: ", 1)[-1]
+    return message
+
+
 def main() -> None:
     global _interrupted
     quiet_mlflow()
@@ -136,7 +145,7 @@ def main() -> None:
         _interrupted = True
         sys.exit(130)
     except MicronetError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(2)
     except OSError as exc:  # a full, read-only or forbidden disk met outside the output writers (logs, MLflow)
         from micronet.checkpoint import DISK_ERRORS

@@ -57,12 +57,17 @@ class AugmentConfig(Section):
 
 
 DIGITS = 1797  # images in scikit-learn's load_digits (micronet.data.digits)
+DIGITS_SMALLEST_CLASS = 174  # images of its rarest digit (8): what any k of the 10 classes hold at least, per class
 
 
-def digits_split_problem(n_train: int, n_test: int) -> Optional[str]:
+def digits_split_problem(n_train: int, n_test: int, classes: int = 10) -> Optional[str]:
     """Why a digits train/test split of these sizes can't be drawn, or None: one rule for params and the writer."""
-    if min(n_train, n_test) < 10 or n_train + n_test > DIGITS:
-        return f"digits: train ({n_train}) and test ({n_test}) must be at least 10 each and at most {DIGITS} together"
+    available = DIGITS if classes == 10 else classes * DIGITS_SMALLEST_CLASS
+    if not 2 <= classes <= 10:
+        return f"digits: classes ({classes}) must be 2 to 10"
+    if min(n_train, n_test) < 10 or n_train + n_test > available:
+        return (f"digits: train ({n_train}) and test ({n_test}) must be at least 10 each and at most {available} "
+                f"together ({classes} classes)")
     return None
 
 
@@ -74,20 +79,24 @@ class SynthConfig(Section):
     classes). ImageNet: `train`/`test` JPEGs per class (test = the val folder) of `classes` classes, `size` pixels
     square."""
 
-    source: Literal["synthetic", "digits", "cifar100"] = Field(
+    source: Literal["synthetic", "digits", "cifar100", "digits-folder"] = Field(
         "synthetic", description="cifar100 only. synthetic: generated patterns; digits: scikit-learn's handwritten "
         "digits upscaled to 32x32 (labels 0-9), a seeded stratified train/test split; cifar100: a slice of the real "
-        "copy at `copy_of`")
+        "copy at `copy_of`; digits-folder (`micronet data synth` only): the first `classes` digits as PNG files of "
+        "mixed sizes in ImageFolder layout, for data.dataset imagefolder")
     train: int = Field(2000, ge=1)
     test: int = Field(500, ge=1)
     seed: int = 0
-    classes: int = Field(10, ge=2, le=1000, description="imagenet, and the cifar100 source: how many classes")
+    classes: int = Field(10, ge=2, le=1000, description="imagenet, and the cifar100 and digits-folder sources: "
+                         "how many classes")
     size: int = Field(64, ge=16, description="imagenet only: side of the written JPEGs")
     copy_of: Optional[str] = Field(None, description="source cifar100: data.root of the real copy to slice")
 
     @model_validator(mode="after")
     def _source_fits(self) -> "SynthConfig":
         problem = digits_split_problem(self.train, self.test) if self.source == "digits" else None
+        if self.source == "digits-folder":
+            problem = digits_split_problem(self.train, self.test, self.classes)
         if self.source == "cifar100" and (self.copy_of is None or self.classes > 100):
             problem = "source cifar100 needs copy_of (the real copy's data.root) and at most 100 classes"
         if problem:
@@ -96,7 +105,9 @@ class SynthConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar100", "imagenet"] = "cifar100"
+    dataset: Literal["cifar100", "imagenet", "imagefolder"] = Field(
+        "cifar100", description="imagefolder: your own images, root/train/<class>/*, root/val/<class>/* (val = the "
+        "test split), any size and class count, brought to data.image_size square as they are read")
     root: str = "data/cifar100"
     download: bool = False
     synthetic: Optional[SynthConfig] = Field(
@@ -128,6 +139,15 @@ class DataConfig(Section):
             raise ValueError("data.loader gpu keeps CIFAR-size data on the device; use workers for imagenet")
         if self.synthetic is not None and self.synthetic.source == "digits" and self.dataset != "cifar100":
             raise ValueError("data.synthetic.source digits writes CIFAR-100's format; imagenet takes synthetic only")
+        if self.synthetic is not None and self.synthetic.source == "digits-folder":
+            raise ValueError("data.synthetic.source digits-folder is written by `micronet data synth --source "
+                             "digits-folder` (a data stage), not by data.synthetic; use digits here")
+        if self.dataset == "imagefolder" and self.image_size is None:
+            raise ValueError("data.dataset imagefolder needs data.image_size: the side every image is brought to "
+                             "(32 for the CIFAR nets, 224 for ResNet-50)")
+        if self.dataset == "imagefolder" and self.synthetic is not None:
+            raise ValueError("data.synthetic writes CIFAR-100 or ImageNet; an imagefolder is read as it is (for a "
+                             "toy one: `micronet data synth --source digits-folder`), so remove data.synthetic")
         return self
 
 

@@ -1,5 +1,5 @@
-"""Datasets: one module per dataset (torchvision formats: real, a verified copy, or synthetic), one `build_splits`
-for all.
+"""Datasets: one module per dataset (torchvision formats: real, a verified copy, or synthetic; your own images in
+ImageFolder layout), one `build_splits` for all.
 
 No DataLoaders here: the training module builds those (it knows the batch sizes and distribution)."""
 
@@ -26,7 +26,8 @@ from micronet.data.cifar import (
     write_stand_in_cifar100,
     write_synthetic_cifar100,
 )
-from micronet.data.digits import write_digits_cifar100
+from micronet.data.digits import write_digits_cifar100, write_digits_folder
+from micronet.data.folder import ensure_image_folder, image_folder_classes, image_folder_splits, image_folder_test
 from micronet.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,13 +47,15 @@ __all__ = [
     "SYNTHETIC_MANIFEST", "Splits", "VERIFIED_MANIFEST", "ManifestCIFAR100", "build_imagenet_transform",
     "build_splits", "build_test", "build_transform", "cifar100_manifest", "ensure_dataset", "load_cifar100",
     "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest", "synthetic_manifest",
-    "write_digits_cifar100", "write_stand_in_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
+    "write_digits_cifar100", "write_digits_folder", "write_stand_in_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
 ]
 
 
 def num_classes(cfg: DataConfig) -> int:
     if cfg.dataset == "imagenet":
         return imagenet_num_classes(cfg)  # the class folders present (1000 for the real data)
+    if cfg.dataset == "imagefolder":
+        return image_folder_classes(cfg)
     return NUM_CLASSES
 
 
@@ -62,6 +65,9 @@ def ensure_dataset(cfg: DataConfig) -> None:
     if cfg.dataset == "imagenet":
         ensure_imagenet(cfg)
         return
+    if cfg.dataset == "imagefolder":
+        ensure_image_folder(cfg)
+        return
     ensure_cifar100(cfg)
 
 
@@ -69,6 +75,8 @@ def build_splits(cfg: DataConfig) -> Splits:
     """Train (train transform), val held out of the training file (eval transform), test (eval transform)."""
     if cfg.dataset == "imagenet":
         return imagenet_splits(cfg)
+    if cfg.dataset == "imagefolder":
+        return image_folder_splits(cfg)
     return cifar100_splits(cfg)
 
 
@@ -76,4 +84,6 @@ def build_test(cfg: DataConfig) -> Dataset:
     """The test split alone (eval transform), for the score stage: nothing of the training data is read."""
     if cfg.dataset == "imagenet":
         return imagenet_test(cfg)
+    if cfg.dataset == "imagefolder":
+        return image_folder_test(cfg)
     return cifar100_test(cfg)

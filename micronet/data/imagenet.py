@@ -88,32 +88,37 @@ def read_rgb(path: str) -> torch.Tensor:
 # --- datasets ------------------------------------------------------------------------------------------
 
 
-def _split_folder(root: Path, split: str) -> Path:
+def split_folder(root: Path, split: str, what: str = "ImageNet", layout: str = LAYOUT) -> Path:
     folder = root / split
     if not folder.is_dir():
-        raise MicronetError(f"ImageNet not found: {folder.resolve()} is missing; expected {LAYOUT} "
+        raise MicronetError(f"{what} not found: {folder.resolve()} is missing; expected {layout} "
                             f"with data.root = {root}")
     return folder
 
 
-def check_imagenet(root: str | Path) -> list[str]:
-    """The class folders (sorted wnids) after checking that train/ and val/ exist and hold the same ones."""
-    root = untracked_input(root)
-    train_dir, val_dir = _split_folder(root, "train"), _split_folder(root, "val")
+def check_class_folders(root: Path, what: str, layout: str, fix: str) -> list[str]:
+    """The class folders (sorted) after checking that train/ and val/ exist and hold the same ones: ImageFolder
+    numbers classes by sorted folder name, so both splits must list the same names for one index mapping."""
+    train_dir, val_dir = split_folder(root, "train", what, layout), split_folder(root, "val", what, layout)
     train_classes = sorted(e.name for e in train_dir.iterdir() if e.is_dir())
     val_classes = sorted(e.name for e in val_dir.iterdir() if e.is_dir())
     if not train_classes:
-        raise MicronetError(f"ImageNet not usable: {train_dir.resolve()} has no class folders; expected {LAYOUT}")
+        raise MicronetError(f"{what} not usable: {train_dir.resolve()} has no class folders; expected {layout}")
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
         raise MicronetError(
-            f"ImageNet at {root.resolve()}: train/ and val/ must hold the same class folders (one index mapping); "
+            f"{what} at {root.resolve()}: train/ and val/ must hold the same class folders (one index mapping); "
             f"only in train: {only_train[:3]}{'...' if len(only_train) > 3 else ''} ({len(only_train)}), "
-            f"only in val: {only_val[:3]}{'...' if len(only_val) > 3 else ''} ({len(only_val)}) - "
-            "sort the official val images into <wnid> folders"
+            f"only in val: {only_val[:3]}{'...' if len(only_val) > 3 else ''} ({len(only_val)}) - {fix}"
         )
     return train_classes
+
+
+def check_imagenet(root: str | Path) -> list[str]:
+    """The class folders (sorted wnids) after checking that train/ and val/ exist and hold the same ones."""
+    return check_class_folders(untracked_input(root), "ImageNet", LAYOUT,
+                               "sort the official val images into <wnid> folders")
 
 
 def imagenet_num_classes(cfg: DataConfig) -> int:
@@ -139,7 +144,7 @@ def ensure_imagenet(cfg: DataConfig) -> None:
 def load_imagenet(root: str | Path, split: str, transform: Optional[Callable] = None) -> ImageFolder:
     """One split folder (train or val) as torchvision's ImageFolder: classes are the sorted wnid folders,
     so train and val share one index mapping (check_imagenet makes sure they hold the same folders)."""
-    folder = _split_folder(untracked_input(root), split)
+    folder = split_folder(untracked_input(root), split)
     try:
         return ImageFolder(str(folder), transform=transform, loader=read_rgb)
     except (FileNotFoundError, OSError) as e:  # an empty class folder, or no images with an image extension
