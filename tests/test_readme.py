@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.prefix) / "bin"  # the environment `uv run` runs in (this test runs in it too)
 # Programs a README command may start with: shell builtins and the tools a machine brings itself.
-SYSTEM = {"cd", "export", "source", "mkdir", "echo", "test", "uv", "make", "git", "curl", "docker", "pip"}
+SYSTEM = {"cd", "export", "source", "mkdir", "echo", "test", "uv", "make", "git", "curl", "docker", "pip", "realpath"}
 OPERATORS = {"&&", "||", ";", "|", "&"}
 UV_FLAGS_WITH_VALUE = {"--python", "--extra", "--with", "--group", "--env-file", "--directory", "--project"}
 
