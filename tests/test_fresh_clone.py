@@ -161,3 +161,22 @@ def test_stage_help_names_its_params_section_and_the_readme_section(command, sec
         assert any(line.startswith("## " + heading) for line in readme.splitlines()), heading
     if command == "prune":
         assert "eigendamage" in text and "low rank" in text
+
+
+@pytest.mark.skipif(not __import__("shutil").which("make"), reason="no make")
+@pytest.mark.parametrize("code", [0, 3])
+def test_make_demo_drops_dvcs_first_run_warning_only_and_keeps_the_exit_status(tmp_path, code):
+    fake = tmp_path / "run"
+    fake.write_text("#!/bin/bash\n[ \"$1\" = dvc ] || exit 0\n"
+                    "echo \"WARNING: No file hash info found for '$PWD/models/train.pt'. It won't be created.\"\n"
+                    "echo \"Running stage 'train':\"\necho 'WARNING: something else' >&2\n"
+                    f"exit {code}\n")
+    fake.chmod(0o755)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/score_layers.txt").write_text("totals\n")
+    proc = subprocess.run(["make", "-s", "--no-print-directory", "demo", "UV=/bin/true", f"PIPELINE_DIR={tmp_path}",
+                           f"RUN={fake}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode == 0) is (code == 0), proc.stderr
+    assert "No file hash info" not in proc.stdout + proc.stderr
+    assert "Running stage 'train':" in proc.stdout and "WARNING: something else" in proc.stdout
