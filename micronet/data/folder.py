@@ -54,7 +54,7 @@ def check_image_folder(cfg: DataConfig) -> list[str]:
 
 
 def load_image_folder(cfg: DataConfig, split: str, transform: Callable) -> ImageFolder:
-    folder = split_folder(untracked_input(cfg.root), split, WHAT, LAYOUT)
+    folder = split_folder(untracked_input(cfg.root), split, WHAT, LAYOUT).resolve()  # files read later, any cwd
     try:
         return ImageFolder(str(folder), transform=transform, loader=ReadSquare(cfg.image_size))
     except (FileNotFoundError, OSError) as e:  # a class folder without any file with an image extension
