@@ -50,14 +50,21 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_130(monkeypatch, capsy
 
     monkeypatch.setattr(cli, "app", app)
     monkeypatch.setattr(sys, "argv", ["micronet"])
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
+    # A terminal's Ctrl-C: Python's own handler, whatever the runner inherited (started with `nohup ... &`, SIGINT
+    # is ignored, and then main() rightly leaves it so)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert exit_info.value.code == 130
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == [cli.RESUME_HINT], err
     assert "resume" in cli.RESUME_HINT and "dvc repro" in cli.RESUME_HINT
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    assert after is before  # the handler is put back
 
 
 def test_no_resume_line_without_ctrl_c(monkeypatch, capsys):
