@@ -94,9 +94,10 @@ class SynthConfig(Section):
 
     @model_validator(mode="after")
     def _source_fits(self) -> "SynthConfig":
-        problem = digits_split_problem(self.train, self.test) if self.source == "digits" else None
-        if self.source == "digits-folder":
-            problem = digits_split_problem(self.train, self.test, self.classes)
+        problem = None
+        if self.source in ("digits", "digits-folder"):  # digits: all 10 classes, in CIFAR-100's format
+            classes = self.classes if self.source == "digits-folder" else 10
+            problem = digits_split_problem(self.train, self.test, classes)
         if self.source == "cifar100" and (self.copy_of is None or self.classes > 100):
             problem = "source cifar100 needs copy_of (the real copy's data.root) and at most 100 classes"
         if problem:

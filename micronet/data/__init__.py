@@ -47,7 +47,8 @@ __all__ = [
     "SYNTHETIC_MANIFEST", "Splits", "VERIFIED_MANIFEST", "ManifestCIFAR100", "build_imagenet_transform",
     "build_splits", "build_test", "build_transform", "cifar100_manifest", "ensure_dataset", "load_cifar100",
     "load_imagenet", "num_classes", "split_indices", "synthetic_imagenet_manifest", "synthetic_manifest",
-    "write_digits_cifar100", "write_digits_folder", "write_stand_in_cifar100", "write_synthetic_cifar100", "write_synthetic_imagenet",
+    "write_digits_cifar100", "write_digits_folder", "write_stand_in_cifar100", "write_synthetic_cifar100",
+    "write_synthetic_imagenet",
 ]
 
 

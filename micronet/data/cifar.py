@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.vision import StandardTransform
@@ -22,7 +22,7 @@ from micronet.augment import Cutout, FastAutoAugment, load_policy
 from micronet.config import AugmentConfig, DataConfig, SynthConfig
 from micronet.errors import MicronetError
 from micronet.paths import file_digest, untracked_input
-from micronet.data.splits import Splits, split_indices
+from micronet.data.splits import Splits, split_indices, training_copies
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -252,8 +252,8 @@ def cifar100_splits(cfg: DataConfig) -> Splits:
     full = load_cifar100(cfg.root, train=True, download=cfg.download, transform=eval_tf)
     train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
     test = cifar100_test(cfg)
-    copies = [Subset(_with_transform(full, build_transform(aug, True, mean, std, size)), train_idx) for aug in augments]
-    train = copies[0] if len(copies) == 1 else ConcatDataset(copies)
+    train = training_copies([_with_transform(full, build_transform(aug, True, mean, std, size)) for aug in augments],
+                            train_idx)
     val = Subset(full, val_idx) if val_idx else None
     return Splits(train=train, val=val, test=test, train_eval=Subset(full, train_idx), augments=augments)
 

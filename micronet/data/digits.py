@@ -38,6 +38,18 @@ def _cifar_rows(images: np.ndarray) -> np.ndarray:
     return x.to(torch.uint8).expand(-1, 3, -1, -1).reshape(len(images), 3072).numpy()
 
 
+def _stratified_split(keep: np.ndarray, labels: np.ndarray, n_train: int, n_test: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices among `keep`, both stratified by class, seeded: `n_test` for test, then `n_train` of the
+    rest (all of it when that is the number)."""
+    from sklearn.model_selection import train_test_split
+
+    rest, test_idx = train_test_split(keep, test_size=n_test, stratify=labels[keep], random_state=seed)
+    train_idx = rest if n_train == len(rest) else train_test_split(
+        rest, train_size=n_train, stratify=labels[rest], random_state=seed)[0]
+    return train_idx, test_idx
+
+
 def write_digits_cifar100(out: Path, n_test: int, seed: int, n_train: Optional[int] = None) -> Path:
     """Write the digits to `out/cifar-100-python/` ({train,test,meta} and a manifest): `n_test` images are the test
     file, `n_train` (default: all the others) the training file, both stratified by class with a seeded split.
@@ -46,12 +58,8 @@ def write_digits_cifar100(out: Path, n_test: int, seed: int, n_train: Optional[i
     problem = digits_split_problem(n_train, n_test)
     if problem:
         raise MicronetError(problem)
-    from sklearn.model_selection import train_test_split
-
     images, labels = _digits()
-    rest, test_idx = train_test_split(np.arange(DIGITS), test_size=n_test, stratify=labels, random_state=seed)
-    train_idx = rest if n_train == len(rest) else train_test_split(
-        rest, train_size=n_train, stratify=labels[rest], random_state=seed)[0]
+    train_idx, test_idx = _stratified_split(np.arange(DIGITS), labels, n_train, n_test, seed)
     splits = {split: (labels[idx], _cifar_rows(images[idx])) for split, idx in (("train", train_idx),
                                                                                   ("test", test_idx))}
     names = [f"digit_{c}" if c < 10 else f"unused_{c:02d}" for c in range(NUM_CLASSES)]
@@ -62,18 +70,14 @@ def write_digits_cifar100(out: Path, n_test: int, seed: int, n_train: Optional[i
 def write_digits_folder(out: Path, classes: int, n_train: int, n_test: int, seed: int) -> Path:
     """The first `classes` digits as your own images would be: PNG files in ImageFolder layout
     (`out/train/digit_<c>/*.png`, `out/val/digit_<c>/*.png`), each greyscale image upscaled to its own random size
-    (16-48 pixels wide, up to 1.25 times as high or as wide), a seeded stratified split of `n_test` val and `n_train` train images. For
-    `data.dataset: imagefolder` (`make demo DATA=imagefolder`). Returns `out`, the data.root."""
+    (16-48 pixels wide, up to 1.25 times as high or as wide), a seeded stratified split of `n_test` val and
+    `n_train` train images. For `data.dataset: imagefolder` (`make demo DATA=imagefolder`). Returns `out`, the
+    data.root."""
     problem = digits_split_problem(n_train, n_test, classes)
     if problem:
         raise MicronetError(problem)
-    from sklearn.model_selection import train_test_split
-
     images, labels = _digits()
-    keep = np.flatnonzero(labels < classes)
-    rest, test_idx = train_test_split(keep, test_size=n_test, stratify=labels[keep], random_state=seed)
-    train_idx = rest if n_train == len(rest) else train_test_split(
-        rest, train_size=n_train, stratify=labels[rest], random_state=seed)[0]
+    train_idx, test_idx = _stratified_split(np.flatnonzero(labels < classes), labels, n_train, n_test, seed)
     rng = np.random.default_rng(seed)
     for split in ("train", "val"):
         shutil.rmtree(out / split, ignore_errors=True)

@@ -8,18 +8,17 @@ alone reads. Normalization is ImageNet's unless `data.mean`/`data.std` are set."
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from micronet.config import DataConfig
 from micronet.data.cifar import build_transform
-from micronet.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, check_class_folders, split_folder
-from micronet.data.splits import Splits, split_indices
+from micronet.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, check_class_folders, split_folder, with_transform
+from micronet.data.splits import Splits, split_indices, training_copies
 from micronet.errors import MicronetError
 from micronet.paths import untracked_input
 
@@ -32,7 +31,6 @@ class ReadSquare:
     naming it (rather than a decoder traceback from a worker process)."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
         self.square = T.Compose([T.Resize(size), T.CenterCrop(size)])
 
     def __call__(self, path: str) -> Image.Image:
@@ -58,14 +56,7 @@ def load_image_folder(cfg: DataConfig, split: str, transform: Callable) -> Image
     try:
         return ImageFolder(str(folder), transform=transform, loader=ReadSquare(cfg.image_size))
     except (FileNotFoundError, OSError) as e:  # a class folder without any file with an image extension
-        raise MicronetError(f"image folder not usable at {folder.resolve()}: {e}") from None
-
-
-def _with_transform(ds: ImageFolder, transform: Callable) -> ImageFolder:
-    """A second view of the same file list (shared, not rescanned) with another transform."""
-    view = copy.copy(ds)
-    view.transform = transform
-    return view
+        raise MicronetError(f"image folder not usable at {folder}: {e}") from None
 
 
 def _transform(cfg: DataConfig, aug, train: bool) -> Callable:
@@ -90,8 +81,7 @@ def image_folder_splits(cfg: DataConfig) -> Splits:
                             "skipped; every class folder needs at least one image in both")
     train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
     augments = list(cfg.copies) or [cfg.augment]
-    copies = [Subset(_with_transform(full, _transform(cfg, aug, train=True)), train_idx) for aug in augments]
-    train = copies[0] if len(copies) == 1 else ConcatDataset(copies)
+    train = training_copies([with_transform(full, _transform(cfg, aug, train=True)) for aug in augments], train_idx)
     val = Subset(full, val_idx) if val_idx else None
     return Splits(train=train, val=val, test=test, train_eval=Subset(full, train_idx), augments=augments)
 

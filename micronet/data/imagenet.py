@@ -151,7 +151,7 @@ def load_imagenet(root: str | Path, split: str, transform: Optional[Callable] = 
         raise MicronetError(f"ImageNet not usable at {folder.resolve()}: {e}; expected {LAYOUT}") from None
 
 
-def _with_transform(ds: ImageFolder, transform: Callable) -> ImageFolder:
+def with_transform(ds: ImageFolder, transform: Callable) -> ImageFolder:
     """A second view of the same file list (shared, not rescanned) with another transform."""
     view = copy.copy(ds)
     view.transform = transform
@@ -179,7 +179,7 @@ def imagenet_splits(cfg: DataConfig) -> Splits:
         raise MicronetError(f"ImageNet at {cfg.root}: train/ and val/ class folders differ once empty ones are "
                             "skipped; every class folder needs at least one image in both")
     train_idx, val_idx = split_indices(len(full), cfg.val_size, cfg.split_seed)
-    full_eval = _with_transform(full, eval_tf)
+    full_eval = with_transform(full, eval_tf)
     val = Subset(full_eval, val_idx) if val_idx else None
     return Splits(train=Subset(full, train_idx), val=val, test=test, train_eval=Subset(full_eval, train_idx))
 

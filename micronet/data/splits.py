@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from micronet.errors import MicronetError
 
@@ -18,6 +18,13 @@ class Splits:
     test: Dataset  # the test file (CIFAR) or the official val set (ImageNet), eval transform
     train_eval: Subset  # the training images with the eval transform: calibration or scoring without val
     augments: list = field(default_factory=list)  # the AugmentConfig of each training view, in order
+
+
+def training_copies(views: list[Dataset], indices: list[int]) -> Dataset:
+    """The training set: the training images (`indices`) of each view of the training file, one view per
+    data.copies entry (each with its own augmentation), concatenated."""
+    copies = [Subset(view, indices) for view in views]
+    return copies[0] if len(copies) == 1 else ConcatDataset(copies)
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
